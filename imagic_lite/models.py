@@ -1,0 +1,387 @@
+"""Loading a checkpoint (hub id, local folder, or the shipped `shapes`) into Components with the memory knobs applied.
+
+The one place that knows SD 1/2 from SDXL: a small Family table plus one text-encode function per family.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import MemorySettings
+from .errors import ConfigError, InputError, ModelError
+from .quant import cast_frozen, quantize_bnb, store_fp8
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass
+class Cond:
+    """Text conditioning: the encoder output sequence, plus the pooled vector on SDXL."""
+
+    embeds: torch.Tensor  # (B, tokens, dim)
+    pooled: torch.Tensor | None = None  # (B, 1280) on SDXL
+
+    def lerp(self, other: Cond, eta: float) -> Cond:
+        """eta * self + (1 - eta) * other: the paper's eq. (3) with self = e_tgt, other = e_opt."""
+        pooled = None if self.pooled is None else eta * self.pooled + (1 - eta) * other.pooled
+        return Cond(eta * self.embeds + (1 - eta) * other.embeds, pooled)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return Cond(self.embeds.to(device, dtype), pooled)
+
+    def repeat(self, n: int) -> Cond:
+        pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
+        return Cond(self.embeds.repeat(n, 1, 1), pooled)
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
+        return Cond(torch.cat([c.embeds for c in conds]), pooled)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between model families, as data."""
+
+    name: str
+    text_encoders: int  # SDXL concatenates two encoders' penultimate layers
+    pooled: bool  # SDXL feeds the second encoder's pooled output to the UNet
+    vae_fp16_unsafe: bool  # the stock SDXL VAE overflows in fp16: decode it in fp32 (bf16 is fine)
+
+
+FAMILIES = {
+    "sd": Family("sd", text_encoders=1, pooled=False, vae_fp16_unsafe=False),
+    "sdxl": Family("sdxl", text_encoders=2, pooled=True, vae_fp16_unsafe=True),
+}
+
+
+@dataclass
+class Components:
+    """A loaded model: modules on their devices, plus the facts the stages read from it."""
+
+    family: Family
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    tokenizers: list
+    scheduler: object  # the training noise schedule (DDPM config of the checkpoint)
+    device: torch.device
+    dtype: torch.dtype  # compute dtype for frozen weights (autocast); trainables are fp32
+    model_id: str
+    fingerprint: str
+    memory: MemorySettings
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native(self) -> int:
+        """The model's native resolution in pixels: UNet sample size x VAE downscale."""
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    @property
+    def multiple(self) -> int:
+        """Image sides must be multiples of this so every UNet level has an integer size."""
+        return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def autocast(self):
+        """Autocast to the compute dtype (a no-op context in fp32)."""
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resolving a model name to a folder
+
+
+def shapes_dir() -> Path:
+    from .shapes import MODEL_DIR
+
+    return Path(MODEL_DIR)
+
+
+def resolve_model(model: str) -> Path:
+    """A local diffusers folder for `model`: `shapes`, a path, or a hub id (cached, else downloaded)."""
+    if model == "shapes":
+        path = shapes_dir()
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"the shipped shapes model is missing from {path}; reinstall imagic-lite")
+        return path
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise ModelError(f"model {model!r} is neither a local folder nor a hub id like owner/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.txt", "*.safetensors", "*.model"]
+        try:
+            return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+                raise
+            return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as exc:
+        reason = type(exc).__name__
+        raise ModelError(
+            f"model {model!r} is not on this machine and could not be downloaded ({reason}); "
+            f"fix: run `huggingface-cli download {model}` where there is internet, or pass --model /path/to/folder"
+        ) from None
+
+
+def detect_family(path: Path) -> Family:
+    import json
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}/model_index.json is unreadable: {exc}") from None
+    if "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] is not None:
+        return FAMILIES["sdxl"]
+    return FAMILIES["sd"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def compute_dtype(weights: str, device: torch.device) -> torch.dtype:
+    if weights == "fp32":
+        return torch.float32
+    if weights == "fp16":
+        return torch.float16
+    if weights == "bf16":
+        return torch.bfloat16
+    # "half": bf16 where supported (no loss scaling needed), else fp16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def unet_fingerprint(unet: nn.Module) -> str:
+    """A cheap identity for base weights: names, shapes and a strided sample of values rounded to fp16,
+    so the fp32 and fp16 variants of one checkpoint agree while different checkpoints do not."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        sample = flat[::step][:64].to(torch.float32).to(torch.float16).cpu()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _load(path: Path, family: Family) -> tuple:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    common = {"use_safetensors": True, "local_files_only": True}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **common)]
+        if family.text_encoders == 2:
+            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **common))
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (imagic-lite loads .safetensors weights only, never pickled .bin files)" if ".bin" in str(exc) else ""
+        raise ModelError(f"cannot load the model in {path}: {first}{hint}") from None
+    return unet, vae, encoders, tokenizers, scheduler
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_components(model: str, memory: MemorySettings, device: torch.device) -> Components:
+    """Load `model` and apply every memory knob of `memory`; all base weights frozen."""
+    path = resolve_model(model)
+    family = detect_family(path)
+    unet, vae, encoders, tokenizers, scheduler = _load(path, family)
+    dtype = compute_dtype(memory.weights, device)
+    fingerprint = unet_fingerprint(unet)
+    notes: list[str] = []
+
+    for module in (unet, vae, *encoders):
+        module.requires_grad_(False)
+        module.eval()
+
+    cast_frozen(unet, dtype)
+    if memory.storage == "fp8":
+        store_fp8(unet)
+    elif memory.storage in ("nf4", "int8"):
+        quantize_bnb(unet, memory.storage, dtype, device)
+    unet.to(device)
+
+    vae_dtype = torch.float32 if (family.vae_fp16_unsafe and dtype == torch.float16) else dtype
+    if vae_dtype != dtype:
+        notes.append("VAE kept in fp32: the stock SDXL VAE overflows in fp16")
+    cast_frozen(vae, vae_dtype)
+    for encoder in encoders:
+        cast_frozen(encoder, dtype)
+    if memory.vae_slicing:
+        vae.enable_slicing()
+    if memory.vae_tiling:
+        vae.enable_tiling()
+
+    _set_attention(unet, memory.attention)
+    if memory.checkpointing:
+        unet.enable_gradient_checkpointing()
+    return Components(
+        family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, scheduler=scheduler,
+        device=device, dtype=dtype, model_id=model, fingerprint=fingerprint, memory=memory, notes=notes,
+    )
+
+
+def _set_attention(unet: nn.Module, attention: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if attention == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as exc:
+            raise ConfigError(f"memory.attention = 'xformers' is unavailable ({exc}); use 'sdpa' or "
+                              "pip install 'imagic-lite[xformers]'") from None
+    elif attention == "sdpa":
+        unet.set_attn_processor(AttnProcessor2_0())
+    else:
+        unet.set_attn_processor(AttnProcessor())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding: the input latent and the text conditioning
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What the stages need from the encoders; the encoders themselves can then leave the accelerator."""
+
+    latent: torch.Tensor  # (1, C, h, w), already multiplied by the VAE scaling factor
+    e_tgt: Cond
+    uncond: Cond  # the empty prompt, for classifier-free guidance in stage C
+    truncated: str  # words of the prompt beyond the encoder's token limit ("" if none)
+
+
+def _place(module: nn.Module, device: torch.device) -> None:
+    module.to(device)
+
+
+def encode_text(c: Components, prompt: str) -> tuple[Cond, str]:
+    """Encode one prompt; return the conditioning and the words that did not fit the token limit."""
+    return ENCODERS[c.family.name](c, prompt)
+
+
+def _truncated_words(tokenizer, prompt: str) -> str:
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
+    limit = tokenizer.model_max_length - 2
+    if len(ids) <= limit:
+        return ""
+    return tokenizer.decode(ids[limit:]).strip()
+
+
+def _tokens(tokenizer, prompt: str, device: torch.device) -> torch.Tensor:
+    return tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+@torch.no_grad()
+def _encode_sd(c: Components, prompt: str) -> tuple[Cond, str]:
+    encoder, tokenizer = c.text_encoders[0], c.tokenizers[0]
+    device = next(encoder.parameters()).device
+    hidden = encoder(_tokens(tokenizer, prompt, device))[0]
+    return Cond(hidden.float().cpu()), _truncated_words(tokenizer, prompt)
+
+
+@torch.no_grad()
+def _encode_sdxl(c: Components, prompt: str) -> tuple[Cond, str]:
+    # SDXL: penultimate hidden states of both encoders, concatenated; pooled output of the second.
+    states, pooled = [], None
+    for encoder, tokenizer in zip(c.text_encoders, c.tokenizers, strict=True):
+        device = next(encoder.parameters()).device
+        out = encoder(_tokens(tokenizer, prompt, device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
+    embeds = torch.cat(states, dim=-1)
+    return Cond(embeds.float().cpu(), pooled.float().cpu()), _truncated_words(c.tokenizers[0], prompt)
+
+
+ENCODERS: dict[str, Callable[[Components, str], tuple[Cond, str]]] = {"sd": _encode_sd, "sdxl": _encode_sdxl}
+
+
+def unet_kwargs(c: Components, cond: Cond, height: int, width: int) -> dict:
+    """Keyword arguments for one UNet call; SDXL adds pooled text and size/crop time ids (input size, no crop)."""
+    kwargs = {"encoder_hidden_states": cond.embeds}
+    if c.family.pooled:
+        n = cond.embeds.shape[0]
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.embeds.dtype)
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(n, 1).to(c.device)}
+    return kwargs
+
+
+@torch.no_grad()
+def encode(c: Components, pixels: torch.Tensor, prompt: str) -> Encoded:
+    """Encode the image once (the cached latent) and the prompts; then move the encoders off the accelerator."""
+    if not prompt.strip():
+        raise InputError("the prompt is empty; describe the edited image, e.g. \"a dog lying down\"")
+    for module in (c.vae, *c.text_encoders):
+        _place(module, c.device)
+    vae_dtype = next(c.vae.parameters()).dtype
+    posterior = c.vae.encode(pixels.to(c.device, vae_dtype)).latent_dist
+    latent = (posterior.mean * c.scaling_factor).float()  # the mean: deterministic, as the paper's fixed x
+    e_tgt, truncated = encode_text(c, prompt)
+    uncond, _ = encode_text(c, "")
+    if c.memory.offload_encoders and c.device.type != "cpu":
+        for module in (c.vae, *c.text_encoders):
+            _place(module, torch.device("cpu"))
+        torch.cuda.empty_cache()
+    return Encoded(latent=latent, e_tgt=e_tgt, uncond=uncond, truncated=truncated)
+
+
+@torch.no_grad()
+def decode(c: Components, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> pixels in [-1, 1] on the CPU; the UNet steps aside first when `sample_offload` is on."""
+    if c.memory.sample_offload and c.device.type != "cpu":
+        c.unet.to("cpu")
+        torch.cuda.empty_cache()
+    _place(c.vae, c.device)
+    vae_dtype = next(c.vae.parameters()).dtype
+    images = c.vae.decode(latents.to(c.device, vae_dtype) / c.scaling_factor).sample.float().cpu()
+    if c.memory.offload_encoders and c.device.type != "cpu":
+        _place(c.vae, torch.device("cpu"))
+    if c.memory.sample_offload and c.device.type != "cpu":
+        c.unet.to(c.device)
+    return images

@@ -1,0 +1,41 @@
+"""Shared fixtures: offline Hugging Face settings, tiny pipelines saved once per session, test images."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Hub settings are read when huggingface_hub is imported: set them before anything imports diffusers.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / "imagic-lite-test-hf-home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders of tiny pipelines by kind: `sd` (epsilon), `sd-v` (v-prediction), `sdxl`."""
+    from tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: build_tiny_pipeline(root / kind, kind) for kind in ("sd", "sd-v", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_models) -> Path:
+    return tiny_models["sd"]
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    """A small RGB test photo: a red disc on grey, non-square so aspect handling is exercised."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (96, 72), (128, 128, 128))
+    ImageDraw.Draw(image).ellipse((24, 12, 72, 60), fill=(220, 30, 30))
+    path = tmp_path / "photo.png"
+    image.save(path)
+    return path
