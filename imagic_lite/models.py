@@ -122,8 +122,19 @@ def shapes_dir() -> Path:
     return Path(MODEL_DIR)
 
 
+def arch_dir() -> Path:
+    """Full-size architectures kept as configs only (no weights): `arch:sd15`, `arch:sd21`, `arch:sdxl`."""
+    return Path(__file__).resolve().parent / "archs"
+
+
 def resolve_model(model: str) -> Path:
-    """A local diffusers folder for `model`: `shapes`, a path, or a hub id (cached, else downloaded)."""
+    """A local diffusers folder for `model`: `shapes`, `arch:NAME`, a path, or a hub id (cached, else downloaded)."""
+    if model.startswith("arch:"):
+        path = arch_dir() / model[5:]
+        if not (path / "model_index.json").is_file():
+            names = sorted(p.name for p in arch_dir().iterdir() if (p / "model_index.json").is_file())
+            raise ModelError(f"unknown architecture {model!r}; choose one of: {', '.join('arch:' + n for n in names)}")
+        return path
     if model == "shapes":
         path = shapes_dir()
         if not (path / "model_index.json").is_file():
@@ -197,10 +208,31 @@ def unet_fingerprint(unet: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _build_random(path: Path, family: Family) -> tuple:
+    """An architecture folder holds configs only: build it with random weights (memory and speed do not depend
+    on weight values). The tokenizer is our byte-level one; every id it makes is valid for CLIP's vocabulary."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
+    tokenizer_dir = arch_dir() / "tokenizer"
+    vocab, merges = str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt")
+    tokenizer = CLIPTokenizer(vocab, merges, model_max_length=77)
+    encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(path / "text_encoder"))]
+    if family.text_encoders == 2:
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(path / "text_encoder_2")))
+    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(path / "scheduler"))
+    return unet, vae, encoders, [tokenizer] * family.text_encoders, scheduler
+
+
 def _load(path: Path, family: Family) -> tuple:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if path.parent == arch_dir():
+        return _build_random(path, family)
     common = {"use_safetensors": True, "local_files_only": True}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "imagic_lite" / "archs"
 
 
 def _tokenizer():
     from transformers import CLIPTokenizer
 
-    folder = ASSETS / "tiny-tokenizer"
+    folder = ASSETS / "tokenizer"
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 

@@ -1,0 +1,246 @@
+"""The Python API, which the CLI itself uses: `Imagic.from_pretrained(model, preset)`, `.fit(image, prompt)`,
+`.generate(...)`. It resolves settings, runs the stages in order and records time and peak memory per stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import Preset, SampleSettings, apply_overrides, load_preset, preset_for_vram, read_toml
+from .errors import ConfigError, Interrupted
+from .imagic import Progress, Sample, StageState, StopFlag, _no_progress, finetune, generate, optimize_embedding
+from .models import DEFAULT_MODEL, Components, Cond, encode, encode_text, load_components, pick_device, resolve_model
+
+MODEL_RECOMMENDATIONS = "imagic-lite.toml"  # a model folder may ship stage settings that suit it
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import transformers
+
+    return {"imagic-lite": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": props.name, "total_gb": round(props.total_memory / 2**30, 2),
+                "cuda": torch.version.cuda}
+    import platform
+
+    name = platform.processor() or platform.machine()
+    return {"type": device.type, "name": name, "threads": torch.get_num_threads()}
+
+
+def choose_preset(preset: str | None, vram: str | None, device: torch.device) -> tuple[Preset, list[str]]:
+    """--preset wins; else --vram N (or auto) on CUDA; without CUDA the `cpu` preset."""
+    notes: list[str] = []
+    if preset:
+        return load_preset(preset), notes
+    if device.type != "cuda":
+        if vram not in (None, "auto"):
+            notes.append("no CUDA device: using the cpu preset (--vram applies to GPUs)")
+        return load_preset("cpu"), notes
+    if vram in (None, "auto"):
+        from .memory import auto_vram
+
+        free_gb = auto_vram()
+        chosen = preset_for_vram(free_gb)
+        notes.append(f"--vram auto: {free_gb:.1f} GB free on the GPU, using preset {chosen.name}")
+        return chosen, notes
+    try:
+        gb = float(vram)
+    except ValueError:
+        raise ConfigError(f"--vram takes a number of GB or 'auto', got {vram!r}") from None
+    if not 0 < gb < 1024:
+        raise ConfigError(f"--vram must be a positive number of GB, got {vram}")
+    return preset_for_vram(gb), notes
+
+
+def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, overrides: dict[str, Any]) -> Preset:
+    """defaults < preset < the model's recommendations < --config file < flags."""
+    recommended = model_dir / MODEL_RECOMMENDATIONS
+    if recommended.is_file():
+        data, text = read_toml(recommended)
+        preset = apply_overrides(preset, data, str(recommended), text)
+    if config_file:
+        data, text = read_toml(Path(config_file))
+        preset = apply_overrides(preset, data, config_file, text)
+    if overrides:
+        preset = apply_overrides(preset, overrides, "command-line flags")
+    return preset
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    seconds: float
+    steps: int
+    peak: dict[str, Any]
+    loss_first: float | None = None
+    loss_last: float | None = None
+
+
+def run_key(pixels: torch.Tensor, prompt: str, fingerprint: str, preset: Preset, seed: int) -> str:
+    """Identity of a run, so --resume refuses a checkpoint from a different one (sample settings excluded)."""
+    digest = hashlib.sha256(pixels.numpy().tobytes())
+    settings = {k: v for k, v in preset.to_dict().items() if k not in ("sample", "name", "description")}
+    digest.update(json.dumps([prompt, fingerprint, settings, seed], sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+class Imagic:
+    """One loaded model with resolved settings; `fit` runs stages A and B, `generate` runs stage C."""
+
+    def __init__(self, components: Components, preset: Preset, notes: list[str] | None = None) -> None:
+        self.components = components
+        self.preset = preset
+        self.notes = list(notes or []) + components.notes
+        self.records: list[StageRecord] = []
+        self._applied: object | None = None  # the bundle whose weights are in the UNet
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, preset: str | Preset | None = None, *,
+                        vram: str | None = None, device: str | None = None, config_file: str | None = None,
+                        overrides: dict[str, Any] | None = None) -> Imagic:
+        dev = pick_device(device)
+        notes: list[str] = []
+        if isinstance(preset, Preset):
+            chosen = preset
+        else:
+            chosen, notes = choose_preset(preset, vram, dev)
+        settings = resolve_settings(resolve_model(model), chosen, config_file, overrides or {})
+        start = time.perf_counter()
+        components = load_components(model, settings.memory, dev)
+        self = cls(components, settings, notes)
+        self.records.append(StageRecord("load", time.perf_counter() - start, 0, {}))
+        return self
+
+    def _stage(self, name: str, steps: int, fn: Callable[[], Any]) -> Any:
+        from .memory import PeakMemory
+
+        start = time.perf_counter()
+        with PeakMemory(self.components.device) as peak:
+            result = fn()
+        self.records.append(StageRecord(name, time.perf_counter() - start, steps, peak.result()))
+        return result
+
+    def fit(self, image: str | Path | Any, prompt: str, *, seed: int = 0, progress: Progress = _no_progress,
+            stop: StopFlag | None = None, checkpoint: Path | None = None, resume: bool = False,
+            thumbnail: bool = True):
+        """Stages A and B on one image; returns the Bundle (embeddings + tuned weights) with its weights applied.
+
+        With `checkpoint`, a stop (Ctrl-C/SIGTERM via `stop`) saves a resumable state there before raising
+        Interrupted; with `resume`, an existing checkpoint continues the run to the same result."""
+        from .bundle import Bundle, apply_bundle
+        from .checkpoint import load_checkpoint, save_checkpoint
+        from .images import load_image, prepare, to_tensor
+
+        c, p = self.components, self.preset
+        if isinstance(image, str | Path):
+            loaded = load_image(image)
+            self.notes += list(loaded.notes)
+            image = loaded.image
+        fitted = prepare(image, c.native, c.multiple)
+        pixels = to_tensor(fitted)
+        key = run_key(pixels, prompt, c.fingerprint, p, seed)
+        state, e_opt = (None, None)
+        if resume and checkpoint is not None and checkpoint.is_file():
+            state, e_opt = load_checkpoint(checkpoint, key)
+            self.notes.append(f"resuming stage {state.stage} at step {state.step}")
+
+        encoded = self._stage("encode", 0, lambda: encode(c, pixels, prompt))
+        if encoded.truncated:
+            self.notes.append(f"the prompt is longer than the text encoder's limit; these words were cut: "
+                              f"{encoded.truncated!r}")
+
+        def guarded(fn: Callable[[], Any], e_opt_done: Cond | None) -> Any:
+            try:
+                return fn()
+            except Interrupted as exc:
+                if checkpoint is not None and isinstance(exc.state, StageState):
+                    save_checkpoint(checkpoint, exc.state, key, e_opt_done)
+                    exc.args = (f"{exc.args[0]}; saved {checkpoint.name}, continue with --resume",)
+                raise
+
+        losses_a: list[float] = []
+        if state is None or state.stage == "A":
+            e_opt, losses_a = self._stage("A", p.embed.steps, lambda: guarded(lambda: optimize_embedding(
+                c, encoded.latent, encoded.e_tgt, p.embed, seed=seed, progress=progress, stop=stop,
+                resume=state), None))
+            state = None
+        self.records[-1].loss_first, self.records[-1].loss_last = _ends(losses_a)
+        weights, losses_b = self._stage("B", p.tune.steps, lambda: guarded(lambda: finetune(
+            c, encoded.latent, e_opt, p.tune, seed=seed, progress=progress, stop=stop, resume=state), e_opt))
+        self.records[-1].loss_first, self.records[-1].loss_last = _ends(losses_b)
+
+        from .lora import lora_config
+
+        height, width = pixels.shape[-2], pixels.shape[-1]
+        meta = {
+            "base_model": c.model_id, "unet_fingerprint": c.fingerprint, "family": c.family.name,
+            "prediction_type": c.prediction_type, "height": str(height), "width": str(width), "prompt": prompt,
+            "preset": p.name, "settings": json.dumps(asdict(p), default=str), "tune_mode": p.tune.mode,
+            "versions": json.dumps(versions()), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seed": str(seed),
+        }
+        bundle = Bundle(e_tgt=encoded.e_tgt, e_opt=e_opt, weights=weights, mode=p.tune.mode,
+                        lora=lora_config(p.tune) if p.tune.mode == "lora" else None, meta=meta,
+                        thumbnail=fitted if thumbnail else None)
+        bundle = _rounded(bundle)
+        apply_bundle(bundle, c)  # sample from exactly what the bundle stores, so `edit` reproduces the pixels
+        self._applied = bundle
+        self._uncond = encoded.uncond
+        return bundle
+
+    def generate(self, bundle=None, *, sample: SampleSettings | None = None, progress: Progress = _no_progress,
+                 stop: StopFlag | None = None) -> list[Sample]:
+        """Stage C for `bundle` (default: the one `fit` produced) with the preset's or the given sample settings."""
+        from .bundle import apply_bundle
+
+        c = self.components
+        bundle = bundle if bundle is not None else self._applied
+        if bundle is None:
+            raise ConfigError("nothing to generate from: call fit() first or pass a bundle")
+        if bundle is not self._applied:
+            apply_bundle(bundle, c)
+            self._applied = bundle
+            self._uncond = None
+        if getattr(self, "_uncond", None) is None:
+            self._uncond = encode_text(c, "")[0]
+        settings = sample or self.preset.sample
+        height, width = int(bundle.meta["height"]), int(bundle.meta["width"])
+        return self._stage("C", settings.steps * len(settings.etas) * len(settings.seeds), lambda: generate(
+            c, bundle.e_tgt, bundle.e_opt, self._uncond, settings, height, width, progress=progress, stop=stop))
+
+    def report(self) -> dict[str, Any]:
+        """What run.json records: settings, versions, device, and per stage seconds and peak memory."""
+        c = self.components
+        return {
+            "model": c.model_id, "family": c.family.name, "unet_fingerprint": c.fingerprint,
+            "prediction_type": c.prediction_type, "native_resolution": c.native, "preset": self.preset.to_dict(),
+            "device": device_info(c.device), "compute_dtype": str(c.dtype).replace("torch.", ""),
+            "versions": versions(), "notes": self.notes, "stages": [asdict(r) for r in self.records],
+        }
+
+
+def _ends(losses: list[float]) -> tuple[float | None, float | None]:
+    return (losses[0], losses[-1]) if losses else (None, None)
+
+
+def _rounded(bundle):
+    """The bundle as it will be stored (weights in fp16), so the run samples from the saved values."""
+    weights = {k: v.to(torch.float16).to(torch.float32) for k, v in bundle.weights.items()}
+    return replace(bundle, weights=weights)

@@ -1,0 +1,407 @@
+"""The `imagic-lite` command: parsing, printing and exit codes, no algorithm.
+
+Heavy imports (torch, diffusers) happen inside commands so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import EXIT_CODES, ImagicError, InputError
+
+EXIT_HELP = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Library chatter (progress bars, deprecation notices) would drown our one-line messages."""
+    if debug:
+        return
+    warnings.filterwarnings("ignore")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"{name} takes comma-separated numbers like 0.6,0.7,0.8; got {text!r}") from None
+    if not values:
+        raise InputError(f"{name} needs at least one value")
+    return values
+
+
+def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"{name} takes comma-separated whole numbers like 0,1,2; got {text!r}") from None
+    if not values:
+        raise InputError(f"{name} needs at least one value")
+    return values
+
+
+def _overrides(**flags: Any) -> dict[str, dict[str, Any]]:
+    """Flags as a TOML-shaped table, so they are validated by the same code as preset files."""
+    where = {
+        "embed_steps": ("embed", "steps"), "embed_lr": ("embed", "lr"), "tune_steps": ("tune", "steps"),
+        "tune_lr": ("tune", None), "rank": ("tune", "rank"), "mode": ("tune", "mode"),
+        "sample_steps": ("sample", "steps"), "guidance": ("sample", "guidance"), "etas": ("sample", "etas"),
+        "seeds": ("sample", "seeds"), "batch": ("sample", "batch"),
+    }
+    table: dict[str, dict[str, Any]] = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        section, key = where[flag]
+        if flag == "tune_lr":
+            key = "full_lr" if flags.get("mode") == "full" else "lora_lr"
+        table.setdefault(section, {})[key] = list(value) if isinstance(value, tuple) else value
+    return table
+
+
+def _print_notes(console, notes: list[str]) -> None:
+    for note in notes:
+        level = "warning" if "cut" in note or "--force" in note else "note"
+        console.print(f"[yellow]{level}:[/] {note}")
+
+
+@click.group(epilog=EXIT_HELP)
+@click.version_option(package_name="imagic-lite")
+@click.option("--debug", is_flag=True, help="Show tracebacks and library warnings.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Edit a photo from one sentence with Imagic, on the GPU you own."""
+    ctx.obj = {"debug": debug}
+
+
+def _common_sample_options(fn):
+    for option in reversed([
+        click.option("--etas", help="Interpolation weights, e.g. 0.6,0.7,0.8 (e = eta*e_tgt + (1-eta)*e_opt)."),
+        click.option("--seeds", help="Sampling seeds, e.g. 0,1,2."),
+        click.option("--sample-steps", type=int, help="DDIM steps in stage C."),
+        click.option("--guidance", type=float, help="Classifier-free guidance scale."),
+        click.option("--batch", type=int, help="Images per UNet call in stage C."),
+        click.option("--model", help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
+        click.option("--vram", help="GB of GPU memory to plan for (picks the fastest preset that fits), or auto."),
+        click.option("--preset", help="Preset name (see `imagic-lite presets`) or TOML file; overrides --vram."),
+        click.option("--device", help="Torch device, e.g. cuda:1 or cpu (default: cuda if present)."),
+        click.option("--out", type=click.Path(path_type=Path), help="Output folder."),
+        click.option("--overwrite", is_flag=True, help="Replace files in an existing output folder."),
+        click.option("--quiet", is_flag=True, help="No progress display."),
+        click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@cli.command(epilog=EXIT_HELP)
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@_common_sample_options
+@click.option("--embed-steps", type=int, help="Stage A steps (optimise e_opt).")
+@click.option("--tune-steps", type=int, help="Stage B steps (fine-tune the UNet).")
+@click.option("--embed-lr", type=float, help="Stage A learning rate.")
+@click.option("--tune-lr", type=float, help="Stage B learning rate.")
+@click.option("--rank", type=int, help="LoRA rank.")
+@click.option("--mode", type=click.Choice(["lora", "full"]), help="Stage B: LoRA (default) or full fine-tune.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML with [embed]/[tune]/[sample].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for stages A and B.")
+@click.option("--no-thumbnail", is_flag=True, help="Leave the input's thumbnail out of the bundle.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out folder.")
+@click.pass_context
+def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: str | None, preset: str | None,
+        device: str | None, out: Path | None, overwrite: bool, quiet: bool, json_out: bool, etas: str | None,
+        seeds: str | None, sample_steps: int | None, guidance: float | None, batch: int | None,
+        embed_steps: int | None, tune_steps: int | None, embed_lr: float | None, tune_lr: float | None,
+        rank: int | None, mode: str | None, config_file: Path | None, seed: int, no_thumbnail: bool,
+        resume: bool) -> None:
+    """Run stages A, B and C on IMAGE toward PROMPT; write images, a grid, a bundle and run.json."""
+    from .images import load_image
+    from .outputs import prepare_out_dir
+
+    if not prompt.strip():
+        raise InputError('the prompt is empty; describe the edited image, e.g. "a dog lying down"')
+    if seed < 0:
+        raise InputError(f"--seed must be >= 0, got {seed}")
+    overrides = _overrides(
+        embed_steps=embed_steps, embed_lr=embed_lr, tune_steps=tune_steps, tune_lr=tune_lr, rank=rank, mode=mode,
+        sample_steps=sample_steps, guidance=guidance, etas=_floats(etas, "--etas"), seeds=_ints(seeds, "--seeds"),
+        batch=batch,
+    )
+    loaded = load_image(image)  # before the model: a bad file should fail in a second, not after loading
+    stem = image.stem.replace(".", "_") or "image"
+    out = prepare_out_dir(out or Path("imagic-out") / stem, overwrite=overwrite, resume=resume)
+    _quiet_libraries(ctx.obj["debug"])
+    from .api import Imagic
+    from .models import DEFAULT_MODEL
+
+    console = _console()
+    imagic = Imagic.from_pretrained(model or DEFAULT_MODEL, preset, vram=vram, device=device,
+                                    config_file=str(config_file) if config_file else None, overrides=overrides)
+    imagic.notes[:0] = list(loaded.notes)
+    _print_notes(console, imagic.notes)
+    shown = len(imagic.notes)
+    if not quiet and not json_out:
+        p = imagic.preset
+        console.print(f"[bold]imagic-lite[/] preset [cyan]{p.name}[/] on {imagic.components.device} "
+                      f"({str(imagic.components.dtype).replace('torch.', '')}), model {imagic.components.model_id}, "
+                      f"{p.embed.steps}+{p.tune.steps} steps, tune {p.tune.mode}")
+    _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
+                quiet=quiet, json_out=json_out, console=console, shown=shown)
+
+
+def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, resume: bool, thumbnail: bool,
+                quiet: bool, json_out: bool, console, shown: int) -> None:
+    from .bundle import save_bundle
+    from .checkpoint import CHECKPOINT_NAME
+    from .imagic import StopFlag
+    from .outputs import write_run_json, write_samples
+    from .progress import StageProgress
+
+    checkpoint = out / CHECKPOINT_NAME
+    bundle_path = out / f"{stem}.imagic.safetensors"
+    with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
+        bundle = imagic.fit(image, prompt, seed=seed, progress=progress, stop=stop, checkpoint=checkpoint,
+                            resume=resume, thumbnail=thumbnail)
+        size = save_bundle(bundle_path, bundle, thumbnail=thumbnail)
+        checkpoint.unlink(missing_ok=True)
+        _print_notes(console, imagic.notes[shown:])
+        samples = imagic.generate(progress=progress, stop=stop)
+    params = {"prompt": prompt, "model": imagic.components.model_id, "preset": imagic.preset.name,
+              "seed_fit": seed, "sample_steps": imagic.preset.sample.steps, "guidance": imagic.preset.sample.guidance}
+    files = write_samples(out, stem, samples, params, title=prompt)
+    report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
+              "bundle_bytes": size, "outputs": [str(f) for f in files]}
+    run_json = write_run_json(out, report)
+    _summary(report, [bundle_path, *files, run_json], json_out)
+
+
+def _summary(report: dict[str, Any], files: list[Path], json_out: bool) -> None:
+    if json_out:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title="stages", show_edge=False)
+    for col in ("stage", "seconds", "steps", "peak memory", "loss first -> last"):
+        table.add_column(col)
+    for r in report["stages"]:
+        peak = r["peak"]
+        memory = f"{peak['bytes'] / 2**30:.2f} GiB {peak['label']}" if peak.get("bytes") else ""
+        loss = f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}" if r.get("loss_first") is not None else ""
+        table.add_row(r["stage"], f"{r['seconds']:.1f}", str(r["steps"]), memory, loss)
+    console = _console(stderr=False)
+    console.print(table)
+    if "bundle_bytes" in report:
+        console.print(f"bundle: {report['bundle']} ({report['bundle_bytes'] / 2**20:.2f} MiB)")
+    grid = [f for f in files if "grid" in f.name]
+    if grid:
+        console.print(f"grid:   {grid[0]}")
+    console.print(f"output: {files[0].parent}")
+
+
+@cli.command(epilog=EXIT_HELP)
+@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(path_type=Path))
+@_common_sample_options
+@click.option("--force", is_flag=True, help="Use the bundle even if it was made on a different base model.")
+@click.pass_context
+def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | None, preset: str | None,
+         device: str | None, out: Path | None, overwrite: bool, quiet: bool, json_out: bool, etas: str | None,
+         seeds: str | None, sample_steps: int | None, guidance: float | None, batch: int | None,
+         force: bool) -> None:
+    """Stage C only: new etas and seeds from a saved bundle, no input image, no training."""
+    from dataclasses import replace
+
+    from .bundle import check_compatible, load_bundle
+    from .config import SampleSettings
+    from .imagic import StopFlag
+    from .outputs import prepare_out_dir, write_run_json, write_samples
+    from .progress import StageProgress
+
+    bundle = load_bundle(bundle_path)
+    stem = bundle_path.name.split(".imagic")[0] or "bundle"
+    out = prepare_out_dir(out or Path("imagic-out") / f"{stem}-edit", overwrite=overwrite)
+    _quiet_libraries(ctx.obj["debug"])
+    from .api import Imagic
+
+    console = _console()
+    imagic = Imagic.from_pretrained(model or bundle.meta["base_model"], preset, vram=vram, device=device)
+    warnings_ = check_compatible(bundle, imagic.components, force=force)
+    _print_notes(console, imagic.notes + warnings_)
+    stored = json.loads(bundle.meta.get("settings", "{}")).get("sample", {})
+    base = SampleSettings(**{k: v for k, v in stored.items() if k in SampleSettings.__dataclass_fields__})
+    flags = {"etas": _floats(etas, "--etas"), "seeds": _ints(seeds, "--seeds"), "steps": sample_steps,
+             "guidance": guidance, "batch": batch}
+    sample = replace(base, **{k: v for k, v in flags.items() if v is not None})
+    with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
+        samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop)
+    prompt = bundle.meta.get("prompt", "")
+    params = {"prompt": prompt, "model": imagic.components.model_id, "bundle": bundle_path.name,
+              "sample_steps": sample.steps, "guidance": sample.guidance}
+    files = write_samples(out, stem, samples, params, title=prompt)
+    report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path), "outputs": [str(f) for f in files]}
+    report["preset"]["sample"] = sample.__dict__
+    run_json = write_run_json(out, report)
+    _summary(report, [*files, run_json], json_out)
+
+
+@cli.command(epilog=EXIT_HELP)
+@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(path_type=Path))
+@click.option("--json", "json_out", is_flag=True, help="Print as JSON.")
+def info(bundle_path: Path, json_out: bool) -> None:
+    """What is inside a bundle, and how big it is."""
+    from .bundle import describe
+
+    data = describe(bundle_path)
+    if json_out:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    console = _console(stderr=False)
+    meta = Table(title=f"{bundle_path.name} — {data['file_bytes'] / 2**20:.2f} MiB", show_header=False)
+    meta.add_column("key", style="bold")
+    meta.add_column("value", overflow="fold")
+    for key, value in data["metadata"].items():
+        meta.add_row(key, value if len(value) < 400 else value[:400] + "…")
+    console.print(meta)
+    tensors = Table(title="tensors")
+    for col in ("group", "count", "dtype", "shape (first)", "bytes"):
+        tensors.add_column(col)
+    for row in data["groups"]:
+        tensors.add_row(row["group"], str(row["count"]), row["dtype"], str(row["shape"]), f"{row['bytes']:,}")
+    console.print(tensors)
+
+
+@cli.command(epilog=EXIT_HELP)
+@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(path_type=Path))
+@click.argument("outdir", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice(["diffusers", "kohya"]), required=True, help="Target layout.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files in OUTDIR.")
+def export(bundle_path: Path, outdir: Path, to: str, overwrite: bool) -> None:
+    """Write the LoRA for diffusers or kohya/A1111/ComfyUI, and the embeddings as prompt_embeds."""
+    from .bundle import export as export_bundle
+    from .bundle import load_bundle
+
+    files = export_bundle(load_bundle(bundle_path), to, outdir, overwrite=overwrite)
+    for f in files:
+        click.echo(str(f))
+
+
+@cli.command(epilog=EXIT_HELP)
+@click.option("--model", default="arch:sd15", show_default=True, help="arch:sd15|arch:sd21|arch:sdxl or a model.")
+@click.option("--presets", "preset_list", default="paper,24gb,12gb,8gb,6gb,4gb", show_default=True)
+@click.option("--resolution", type=int, help="Pixels per side (default: the model's native resolution).")
+@click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per stage.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps first.")
+@click.option("--cap-gb", type=float, help="Emulate a card of this many GB (CUDA only).")
+@click.option("--device", help="Torch device (default: cuda if present).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
+@click.option("--json", "json_out", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def bench(ctx: click.Context, model: str, preset_list: str, resolution: int | None, steps: int, warmup: int,
+          cap_gb: float | None, device: str | None, out: Path, json_out: bool) -> None:
+    """Measure peak memory and step time of stages A, B, C per preset, as ratios to the paper's way."""
+    _quiet_libraries(ctx.obj["debug"])
+    from .bench import render_table, run_bench, write_results
+    from .models import pick_device
+
+    if steps < 1 or warmup < 0:
+        raise InputError("--steps must be >= 1 and --warmup >= 0")
+    names = [p.strip() for p in preset_list.split(",") if p.strip()]
+    result = run_bench(model, names, resolution, steps, warmup, cap_gb, pick_device(device))
+    path = write_results(result, out)
+    if json_out:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(render_table(result))
+        click.echo(f"results: {path}")
+
+
+@cli.command(name="presets", epilog=EXIT_HELP)
+@click.option("--json", "json_out", is_flag=True, help="Print as JSON.")
+def presets_command(json_out: bool) -> None:
+    """The shipped presets, their knobs, estimated and measured peak memory."""
+    from .config import all_presets
+    from .memory import estimate, measured_peaks
+
+    measured = measured_peaks(Path("benchmarks/results"))
+    rows = []
+    for p in all_presets():
+        est = estimate(p, "sd15", 512, 512)
+        rows.append({"name": p.name, "vram_gb": p.vram_gb, "description": p.description,
+                     "memory": p.memory.__dict__, "tune": p.tune.mode, "optimizer": p.tune.optimizer,
+                     "estimate_sd15_512": est, "measured": measured.get(p.name, {})})
+    if json_out:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title="presets (estimates for SD 1.5 at 512; measured where a bench result exists)")
+    for col in ("name", "card", "weights", "storage", "ckpt", "optimizer", "est. peak B", "measured peak B", "about"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        est_b = r["estimate_sd15_512"].get("B")
+        meas_b = r["measured"].get("B")
+        table.add_row(
+            r["name"], f"{r['vram_gb']:g} GB" if r["vram_gb"] else "-", r["memory"]["weights"],
+            r["memory"]["storage"], "yes" if r["memory"]["checkpointing"] else "no", r["optimizer"],
+            f"{est_b / 2**30:.2f} GiB" if est_b else "-", f"{meas_b / 2**30:.2f} GiB" if meas_b else "-",
+            r["description"],
+        )
+    _console(stderr=False).print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: our errors become one line on stderr and a documented exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="imagic-lite", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ImagicError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # the last resort: still one line unless --debug
+        if debug:
+            raise
+        click.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug for a traceback",
+                   err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
