@@ -106,8 +106,9 @@ def _read_header(path: Path, max_bytes: int) -> tuple[dict[str, str], dict[str, 
         raise BundleError(f"{path}: a metadata value is not a string")
     spans = []
     for name, spec in header.items():
-        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"} or spec["dtype"] \
-                not in DTYPE_SIZES or not _ints(spec["shape"]) or _offsets(spec) is None:
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"} or not \
+                isinstance(spec["dtype"], str) or spec["dtype"] not in DTYPE_SIZES or not _ints(spec["shape"]) \
+                or _offsets(spec) is None:
             raise BundleError(f"{path}: tensor {name[:80]!r} has a malformed header entry")
         nbytes = math.prod(spec["shape"]) * DTYPE_SIZES[spec["dtype"]]
         spans.append((*_offsets(spec), name, _Entry(spec["dtype"], tuple(spec["shape"]), nbytes)))
@@ -349,8 +350,15 @@ def describe(path: str | Path, *, max_bytes: int = 4 * 2**30) -> dict[str, Any]:
     path = Path(path)
     meta, entries, _ = _validated_header(path, max_bytes)
     rows = [(name, e.dtype, e.shape, e.nbytes) for name, e in entries.items()]
+    groups: dict[str, dict[str, Any]] = {}
+    for name, e in entries.items():  # hundreds of LoRA tensors read better as a few groups
+        match = LORA_NAME.fullmatch(name)
+        key = f"unet lora_{match[2]}" if match else "unet_full" if name.startswith("unet_full.") else name
+        group = groups.setdefault(key, {"group": key, "count": 0, "dtype": e.dtype, "shape": e.shape, "bytes": 0})
+        group["count"] += 1
+        group["bytes"] += e.nbytes
     return {"path": str(path), "file_bytes": path.stat().st_size, "metadata": meta, "tensors": rows,
-            "tensor_bytes": sum(e.nbytes for e in entries.values())}
+            "groups": list(groups.values()), "tensor_bytes": sum(e.nbytes for e in entries.values())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,6 +479,14 @@ def export(bundle: Bundle, to: str, outdir: str | Path, *, name: str = "imagic",
     return list(plan)
 
 
+def _shareable(meta: dict[str, str]) -> dict[str, str]:
+    """The metadata an export may carry: a hub id stays, a local model path shrinks to its folder name."""
+    model = meta.get("base_model", "")
+    local = model.startswith(("/", "~", ".", "\\")) or ":" in model or model.count("/") != 1
+    keep = {k: meta[k] for k in ("prompt", "height", "width", "created", "prediction_type", "family") if k in meta}
+    return keep | {"base_model": Path(model).name if local else model}
+
+
 def _write_diffusers_lora(bundle: Bundle, tmp: Path) -> None:
     # diffusers' own writer: `unet.<PEFT key>` plus `lora_adapter_metadata` carrying the real lora_alpha
     # (without it, diffusers assumes alpha = r).
@@ -487,7 +503,7 @@ def _write_embeddings(bundle: Bundle, tmp: Path) -> None:
     tensors = {"prompt_embeds": bundle.e_opt.embeds, "e_tgt": bundle.e_tgt.embeds}
     if bundle.e_opt.pooled is not None:
         tensors |= {"pooled_prompt_embeds": bundle.e_opt.pooled, "e_tgt_pooled": bundle.e_tgt.pooled}
-    meta = {k: bundle.meta[k] for k in ("base_model", "prompt", "height", "width") if k in bundle.meta}
+    meta = _shareable(bundle.meta)
     meta["about"] = ("Imagic text-encoder outputs (not a textual-inversion embedding). prompt_embeds is e_opt; the "
                      "edit conditions on eta*e_tgt + (1-eta)*e_opt (eta about 0.6-0.9), the same mix for the pooled "
                      "pair on SDXL.")
@@ -498,7 +514,7 @@ def _write_embeddings(bundle: Bundle, tmp: Path) -> None:
 
 
 def _write_readme(bundle: Bundle, tmp: Path) -> None:
-    meta, sdxl = bundle.meta, bundle.e_opt.pooled is not None
+    meta, sdxl = _shareable(bundle.meta), bundle.e_opt.pooled is not None
     pipe = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     negatives = "neg, _, neg_pooled, _" if sdxl else "neg, _"
     pooled = ('    pooled_prompt_embeds=eta * emb["e_tgt_pooled"] + (1 - eta) * emb["pooled_prompt_embeds"],\n'
@@ -545,7 +561,7 @@ def _write_kohya(bundle: Bundle, tmp: Path, name: str) -> None:
 
 def _kohya_meta(bundle: Bundle, name: str) -> dict[str, str]:
     """sd-scripts' `ss_*` keys and ModelSpec 1.0.1's required `modelspec.*` keys (all strings)."""
-    meta, lora = bundle.meta, bundle.lora
+    meta, lora = _shareable(bundle.meta), bundle.lora
     v_pred = meta.get("prediction_type") == "v_prediction"
     if meta.get("family") == "sdxl":
         arch, base = "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"

@@ -159,6 +159,9 @@ def test_describe(good):
     names = {row[0]: row for row in info["tensors"]}
     assert names["e_opt"][1:3] == ("F32", (1, 77, 32)) and names["e_opt"][3] == 77 * 32 * 4
     assert info["metadata"]["format"] == "imagic-lite.bundle" and info["file_bytes"] == good.stat().st_size
+    groups = {g["group"]: g for g in info["groups"]}
+    assert groups["unet lora_A"]["count"] == groups["unet lora_B"]["count"] == len(names) // 2 - 1
+    assert sum(g["bytes"] for g in groups.values()) == info["tensor_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,6 +350,30 @@ def test_fuzz_corruption_is_bundle_error_or_success(good, tmp_path):
     assert outcomes["refused"] > 100 and outcomes["ok"] > 0  # flips inside tensor data can stay valid
 
 
+def test_fuzz_header_values_is_bundle_error_or_success(good, tmp_path):
+    """Seeded structural fuzz: valid JSON with one field swapped for an odd value (byte flips rarely get here)."""
+    rng = random.Random(99)
+    header, data = read_header(good)
+    odd = [None, -1, 0, 1, 2**70, 1.5, True, "", "x", "F16", "I32", "NaN", "1e400", [], {}, [1], [0, 2**64], [-1, 4],
+           [2, 1], [1, 77, 32], "[1]", "{}", '{"r": 4}', "\x1b[2J", "9" * 5000]
+    path = tmp_path / "fuzz.imagic.safetensors"
+    for _ in range(400):
+        mutated = copy.deepcopy(header)
+        name = rng.choice(list(mutated))
+        field = rng.choice(list(mutated[name]))
+        if name != "__metadata__" and field == "shape" and rng.random() < 0.5:
+            mutated[name][field] = [rng.choice([0, 1, 2, 3, 4, 64, 2**40]) for _ in mutated[name][field]]
+        elif rng.random() < 0.1:
+            del mutated[name][field]
+        else:
+            mutated[name][field] = rng.choice(odd)
+        write_header(path, mutated, data)
+        try:
+            load_bundle(path)
+        except BundleError as exc:
+            assert "\n" not in str(exc)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Against a loaded model
 
@@ -425,6 +452,7 @@ def test_export_diffusers_and_kohya_load_in_diffusers(models, tiny_models, tmp_p
     with safe_open(tmp_path / "d" / "embeddings.safetensors", "pt") as f:
         assert torch.equal(f.get_tensor("prompt_embeds"), bundle.e_opt.embeds) and "eta" in f.metadata()["about"]
     assert "thumbnail" not in str(files)
+    assert str(tiny_models["sd"]) not in (tmp_path / "d" / "README.md").read_text()  # no local paths shared
 
     (kohya,) = export(bundle, "kohya", tmp_path / "k", name="my-edit")
     with safe_open(kohya, "pt") as f:
