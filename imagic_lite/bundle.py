@@ -312,8 +312,11 @@ def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
 def _validated_header(path: Path, max_bytes: int) -> tuple[dict[str, str], dict[str, _Entry], tuple]:
     """Every check that needs no tensor data: size, header, metadata, names, dtypes, shapes."""
     meta, entries = _read_header(path, max_bytes)
-    mode, family, lora = _check_meta(meta)
-    _check_layout(entries, mode, family, lora)
+    try:
+        mode, family, lora = _check_meta(meta)
+        _check_layout(entries, mode, family, lora)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from None
     return meta, entries, (mode, family, lora)
 
 
@@ -333,7 +336,10 @@ def load_bundle(path: str | Path, *, max_bytes: int = 4 * 2**30) -> Bundle:
                                     for k, e in entries.items())
     if changed:
         raise BundleError(f"{path} changed while it was being read")
-    _check_finite(tensors)
+    try:
+        _check_finite(tensors)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from None
     pooled = FAMILIES[family].pooled
     cond = {n: Cond(tensors[f"e_{n}"], tensors[f"e_{n}_pooled"] if pooled else None) for n in ("tgt", "opt")}
     prefix = "unet." if mode == "lora" else "unet_full."
@@ -397,7 +403,7 @@ def check_compatible(bundle: Bundle, c: Components, *, force: bool = False) -> l
         soft.append(f"the bundle is for a {meta.get('family')} model, the loaded model is {c.family.name}")
     if meta.get("unet_fingerprint") != c.fingerprint:
         soft.append(f"the bundle was made with {meta.get('base_model')!r} (UNet fingerprint "
-                    f"{meta.get('unet_fingerprint')}), the loaded model {c.model_id!r} has {c.fingerprint}")
+                    f"{meta.get('unet_fingerprint')}), the loaded {c.model_id!r} has fingerprint {c.fingerprint}")
     if meta.get("prediction_type") != c.prediction_type:
         soft.append(f"the bundle was made with prediction type {meta.get('prediction_type')}, the loaded model "
                     f"uses {c.prediction_type}")
