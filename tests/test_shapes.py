@@ -1,0 +1,199 @@
+"""Tests for the shapes world, its pixel checker, its tokenizer and the shipped shapes model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import ImageFilter
+
+from imagic_lite.errors import InputError
+from imagic_lite.shapes import MODEL_DIR, TOKENIZER_DIR, checker, world
+
+FIELDS = ("shape", "colour", "size", "position")
+
+
+def _nearest_reading(reading: checker.Reading, thing: world.Thing) -> checker.ObjectReading:
+    """The detected object whose box centre is closest to where `thing` was drawn."""
+    left, top, right, bottom = thing.box()
+    centre = np.asarray([(left + right) / 2, (top + bottom) / 2])
+    return min(reading.objects,
+               key=lambda o: float(np.sum((np.asarray([(o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2])
+                                           - centre) ** 2)))
+
+
+def test_checker_reads_clean_renders():
+    rng = random.Random(0)
+    for _ in range(150):
+        scene = world.random_scene(rng)
+        reading = checker.read(world.render(scene))
+        assert reading.background == scene.background
+        assert len(reading.objects) == 1
+        found = reading.main
+        assert {f: getattr(found, f) for f in FIELDS} == {f: getattr(scene, f) for f in FIELDS}, scene
+
+
+def test_checker_reads_every_combination_at_the_grid_centres():
+    for shape in world.SHAPES:
+        for colour in world.COLOURS:
+            for size in world.SIZES:
+                for position in world.POSITIONS:
+                    found = checker.read(world.render(world.Scene(shape, colour, size, position))).main
+                    assert (found.shape, found.colour, found.size, found.position) == (shape, colour, size, position)
+
+
+def test_checker_reads_two_objects_largest_first():
+    rng = random.Random(1)
+    seen = 0
+    while seen < 40:
+        scene = world.random_scene(rng, p_second=1.0)
+        if scene.second is None:
+            continue
+        seen += 1
+        reading = checker.read(world.render(scene))
+        assert len(reading.objects) == 2
+        assert reading.objects[0].area >= reading.objects[1].area
+        for thing in scene.things:
+            found = _nearest_reading(reading, thing)
+            assert {f: getattr(found, f) for f in FIELDS} == {f: getattr(thing, f) for f in FIELDS}, scene
+
+
+def test_checker_tolerates_blur_and_noise():
+    rng, noise = random.Random(2), np.random.default_rng(2)
+    errors = 0
+    for _ in range(100):
+        scene = world.random_scene(rng)
+        image = world.render(scene).filter(ImageFilter.GaussianBlur(1.2))
+        pixels = np.clip(np.asarray(image, dtype=np.float64) + noise.normal(0, 10, (64, 64, 3)), 0, 255)
+        found = checker.read(pixels.astype(np.uint8)).main
+        errors += found is None or any(getattr(found, f) != getattr(scene, f) for f in FIELDS)
+    assert errors <= 2
+
+
+def test_checker_accepts_float_arrays_and_larger_images():
+    scene = world.Scene("triangle", "yellow", "small", "top right", background="black")
+    reading = checker.read(np.asarray(world.render(scene, 128), dtype=np.float32) / 255.0)
+    assert (reading.background, reading.main.shape, reading.main.position) == ("black", "triangle", "top right")
+    assert 0.66 < reading.main.centroid[0] < 1.0 and 0.0 < reading.main.centroid[1] < 0.33
+
+
+def test_checker_sees_no_object_on_a_blank_image():
+    assert checker.read(np.full((64, 64, 3), 128, dtype=np.uint8)).objects == []
+
+
+def test_render_size_and_mode():
+    image = world.render(world.Scene("circle", "red"), 96)
+    assert image.size == (96, 96) and image.mode == "RGB"
+
+
+def test_unknown_attribute_is_an_input_error():
+    with pytest.raises(InputError):
+        world.Scene("hexagon", "red")
+
+
+def test_captions_parse_back_to_their_scene():
+    rng = random.Random(3)
+    for _ in range(300):
+        scene = world.random_scene(rng, p_second=0.3)
+        text = world.caption(scene, rng, p_size=0.5, p_position=0.5, p_background=0.5, p_there_is=0.3)
+        parsed = world.parse_caption(text)
+        assert parsed["shape"] == scene.shape and parsed["colour"] == scene.colour, text
+        for field in ("size", "position"):
+            assert parsed.get(field, getattr(scene, field)) == getattr(scene, field), text
+        assert parsed.get("background", scene.background) == scene.background, text
+        if scene.second is not None:
+            assert parsed["second"]["shape"] == scene.second.shape, text
+
+
+def test_full_caption_names_everything():
+    scene = world.Scene("square", "blue", "big", "top left", background="white")
+    text = world.full_caption(scene)
+    assert text.startswith("a big blue square")
+    assert world.parse_caption(text) == {"shape": "square", "colour": "blue", "size": "big", "position": "top left",
+                                         "background": "white"}
+    assert world.parse_caption("an orange circle in the middle") == {"shape": "circle", "colour": "orange",
+                                                                     "position": "center"}
+
+
+def test_parse_caption_rejects_unknown_words():
+    with pytest.raises(InputError, match="dog"):
+        world.parse_caption("a red dog")
+
+
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def test_tokenizer_gives_every_world_word_one_token():
+    from transformers import CLIPTokenizer
+
+    direct = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"))
+    for tokenizer in (_tokenizer(), direct):
+        ids = set()
+        for word in world.VOCABULARY:
+            pieces = tokenizer(word, add_special_tokens=False).input_ids
+            assert len(pieces) == 1 and pieces[0] != tokenizer.unk_token_id, word
+            ids.add(pieces[0])
+        assert len(ids) == len(world.VOCABULARY)
+
+
+def test_tokenizer_fits_the_longest_caption():
+    tokenizer = _tokenizer()
+    rng = random.Random(4)
+    longest = 0
+    for _ in range(500):
+        scene = world.random_scene(rng, p_second=0.5)
+        text = world.caption(scene, rng, p_background=1.0, p_there_is=0.5)
+        longest = max(longest, len(tokenizer(text).input_ids))
+    assert longest <= tokenizer.model_max_length
+    assert tokenizer.model_max_length <= 32
+
+
+def test_shipped_tokenizer_matches_its_generator():
+    from imagic_lite.shapes.train import tokenizer_tables
+
+    vocab, merges = tokenizer_tables()
+    assert json.loads((TOKENIZER_DIR / "vocab.json").read_text()) == vocab
+    lines = (TOKENIZER_DIR / "merges.txt").read_text().splitlines()[1:]
+    assert [tuple(line.split()) for line in lines] == merges
+
+
+needs_model = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="shapes model not built")
+
+
+@needs_model
+def test_shipped_model_loads_offline_and_samples():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    images = pipe("a red circle", num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (1, 64, 64, 3)
+    assert np.isfinite(images).all()
+
+
+@needs_model
+@pytest.mark.slow
+def test_shipped_model_draws_what_it_is_asked():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    scenes = [world.Scene("circle", "red", "big", "center"), world.Scene("square", "blue", "big", "top left"),
+              world.Scene("triangle", "green", "big", "bottom right"), world.Scene("circle", "yellow", "big", "left")]
+    images = pipe([world.full_caption(s) for s in scenes], num_inference_steps=25, guidance_scale=6.0,
+                  generator=torch.Generator().manual_seed(0)).images
+    hits = 0
+    for scene, image in zip(scenes, images, strict=True):
+        found = checker.read(image).main
+        hits += found is not None and (found.colour, found.shape) == (scene.colour, scene.shape)
+    assert hits >= 3
