@@ -134,7 +134,7 @@ class Imagic:
         start = time.perf_counter()
         with PeakMemory(self.components.device) as peak:
             result = fn()
-        self.records.append(StageRecord(name, time.perf_counter() - start, steps, peak.result()))
+        self.records.append(StageRecord(name, time.perf_counter() - start, steps, asdict(peak.peak)))
         return result
 
     def fit(self, image: str | Path | Any, prompt: str, *, seed: int = 0, progress: Progress = _no_progress,

@@ -209,7 +209,7 @@ def _summary(report: dict[str, Any], files: list[Path], json_out: bool) -> None:
         table.add_column(col)
     for r in report["stages"]:
         peak = r["peak"]
-        memory = f"{peak['bytes'] / 2**30:.2f} GiB {peak['label']}" if peak.get("bytes") else ""
+        memory = f"{peak['peak_bytes'] / 2**30:.2f} GiB {peak['label']}" if peak.get("peak_bytes") else ""
         loss = f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}" if r.get("loss_first") is not None else ""
         table.add_row(r["stage"], f"{r['seconds']:.1f}", str(r["steps"]), memory, loss)
     console = _console(stderr=False)
@@ -284,14 +284,16 @@ def info(bundle_path: Path, json_out: bool) -> None:
     meta = Table(title=f"{bundle_path.name} — {data['file_bytes'] / 2**20:.2f} MiB", show_header=False)
     meta.add_column("key", style="bold")
     meta.add_column("value", overflow="fold")
-    for key, value in data["metadata"].items():
-        meta.add_row(key, value if len(value) < 400 else value[:400] + "…")
+    from rich.text import Text
+
+    for key, value in data["metadata"].items():  # Text(): a stranger's prompt must not be read as rich markup
+        meta.add_row(Text(key), Text(value if len(value) < 400 else value[:400] + "…"))
     console.print(meta)
     tensors = Table(title="tensors")
     for col in ("group", "count", "dtype", "shape (first)", "bytes"):
         tensors.add_column(col)
     for row in data["groups"]:
-        tensors.add_row(row["group"], str(row["count"]), row["dtype"], str(row["shape"]), f"{row['bytes']:,}")
+        tensors.add_row(Text(row["group"]), str(row["count"]), row["dtype"], str(row["shape"]), f"{row['bytes']:,}")
     console.print(tensors)
 
 
@@ -305,7 +307,8 @@ def export(bundle_path: Path, outdir: Path, to: str, overwrite: bool) -> None:
     from .bundle import export as export_bundle
     from .bundle import load_bundle
 
-    files = export_bundle(load_bundle(bundle_path), to, outdir, overwrite=overwrite)
+    name = bundle_path.name.split(".imagic")[0] or "imagic"
+    files = export_bundle(load_bundle(bundle_path), to, outdir, name=name, overwrite=overwrite)
     for f in files:
         click.echo(str(f))
 

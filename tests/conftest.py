@@ -13,6 +13,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and two threads per process on a shared 2-core machine
+# oversubscribe badly (a tiny UNet forward went from 0.03 s to 3.6 s under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

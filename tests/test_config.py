@@ -1,0 +1,92 @@
+"""Presets and settings: every shipped preset loads, bad TOML names file/key/line, --vram picks sensibly."""
+
+from __future__ import annotations
+
+import pytest
+
+from imagic_lite.config import (
+    EmbedSettings,
+    Preset,
+    SampleSettings,
+    TuneSettings,
+    all_presets,
+    apply_overrides,
+    load_preset,
+    preset_for_vram,
+)
+from imagic_lite.errors import ConfigError
+
+REQUIRED = {"4gb", "6gb", "8gb", "12gb", "24gb", "cpu", "paper"}
+
+
+def test_every_shipped_preset_loads_and_required_ones_exist():
+    presets = {p.name: p for p in all_presets()}
+    assert set(presets) >= REQUIRED
+    for p in presets.values():
+        assert p.description, f"{p.name} needs a description"
+    assert presets["paper"].tune.mode == "full" and presets["paper"].memory.weights == "fp32"
+    assert presets["paper"].memory.checkpointing is False and presets["paper"].tune.optimizer == "adamw"
+    assert presets["4gb"].memory.storage == "fp8" and presets["4gb"].memory.checkpointing
+    assert presets["cpu"].vram_gb is None and presets["paper"].vram_gb is None
+
+
+@pytest.mark.parametrize(("gb", "expected"), [(4, "4gb"), (5.5, "4gb"), (6, "6gb"), (8, "8gb"), (11, "8gb"),
+                                               (12, "12gb"), (16, "12gb"), (24, "24gb"), (80, "24gb")])
+def test_vram_picks_the_fastest_preset_that_fits(gb, expected):
+    assert preset_for_vram(gb).name == expected
+
+
+def test_vram_below_smallest_preset_is_a_clear_error():
+    with pytest.raises(ConfigError, match="below the smallest preset"):
+        preset_for_vram(2)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'.*8gb"):
+        load_preset("huge")
+
+
+def test_malformed_toml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[tune]\nsteps = 10\nrank = = 4\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: invalid TOML.*line 3"):
+        load_preset(str(bad))
+
+
+def test_unknown_key_names_file_key_and_line(tmp_path):
+    bad = tmp_path / "typo.toml"
+    bad.write_text('format_version = 1\n\n[tune]\nsteps = 10\nlearning_rate = 1e-4\n')
+    with pytest.raises(ConfigError, match=r"typo.toml, key 'tune.learning_rate', line 5: unknown key"):
+        load_preset(str(bad))
+
+
+def test_wrong_type_and_out_of_range_values(tmp_path):
+    bad = tmp_path / "t.toml"
+    bad.write_text('[embed]\nsteps = "many"\n')
+    with pytest.raises(ConfigError, match=r"key 'embed.steps', line 2: expected an integer"):
+        load_preset(str(bad))
+    bad.write_text('[sample]\nguidance = -3\n')
+    with pytest.raises(ConfigError, match="sample.guidance must be 0..50"):
+        load_preset(str(bad))
+
+
+def test_overrides_layer_in_order():
+    base = load_preset("8gb")
+    out = apply_overrides(base, {"tune": {"steps": 7}, "sample": {"etas": [0.5, 1.0]}}, "flags")
+    assert out.tune.steps == 7 and out.sample.etas == (0.5, 1.0)
+    assert out.memory == base.memory  # untouched sections keep the preset's values
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: EmbedSettings(steps=-1), lambda: EmbedSettings(lr=0), lambda: TuneSettings(mode="half"),
+    lambda: TuneSettings(rank=0), lambda: SampleSettings(etas=()), lambda: SampleSettings(etas=(9.0,)),
+    lambda: SampleSettings(seeds=(-1,)), lambda: SampleSettings(steps=0),
+])
+def test_settings_validate_ranges(bad):
+    with pytest.raises(ConfigError):
+        bad()
+
+
+def test_preset_roundtrips_to_dict():
+    d = Preset().to_dict()
+    assert set(d) == {"name", "description", "vram_gb", "embed", "tune", "sample", "memory"}
