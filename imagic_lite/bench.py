@@ -1,0 +1,342 @@
+"""The bench engine behind `imagic-lite bench` and `benchmarks/`: N steps of stages A, B and C per preset, with peak
+memory, seconds per step and the projected full run, each also as a ratio to the paper's full fine-tuning.
+
+Result layout (one JSON document, `SCHEMA` below): `env`, run settings, and `presets[name]` with `stages[S]` for
+S in encode/A/B/C = {fit, error, label, peak_bytes, reserved_bytes, start_bytes, wall_s, s_per_step, it_per_s,
+steps_timed, estimate_bytes, estimate_error}, plus `projected_s` and `ratios` (to `paper`; None where it did not fit).
+Timing: a progress callback stamps `time.perf_counter()` after every step; s/step is the mean over the steps after
+the first `warmup` ones (stage C also reports `decode_s`, the VAE decode after its last step).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Preset, load_preset
+from .errors import InputError, OutOfMemory
+from .files import atomic_path
+from .memory import GiB, PeakMemory, arch_facts, estimate
+
+SCHEMA = 1
+PAPER = "paper"
+PROMPT = "a photo of a dog lying down"
+Event = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One preset's measurement: everything `bench_preset` needs, fixed before it starts."""
+
+    model: str
+    preset: Preset
+    resolution: int | None  # None: the model's native size
+    steps: int
+    warmup: int
+    device: torch.device
+
+
+@dataclass
+class StepTimer:
+    """A progress callback that stamps the time of every step (after the GPU has finished it: stage C's loop has
+    no `.item()` that would wait for the kernels)."""
+
+    sync: bool = False
+    start: float = field(default_factory=time.perf_counter)
+    stamps: list[float] = field(default_factory=list)
+
+    def __call__(self, _: dict[str, Any]) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def per_step(self, warmup: int) -> list[float]:
+        edges = [self.start, *self.stamps]
+        return [b - a for a, b in zip(edges, edges[1:], strict=False)][warmup:]
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _run_stage(device: torch.device, warmup: int, fn: Callable[[StepTimer], Any]) -> tuple[Any, dict]:
+    """Run one stage under PeakMemory; an OOM becomes `fit: false` (tensors are released once we leave `except`)."""
+    timer, out, error = StepTimer(sync=device.type == "cuda"), None, None
+    with PeakMemory(device) as pm:
+        timer.start = time.perf_counter()
+        try:
+            out = fn(timer)
+        except (OutOfMemory, torch.OutOfMemoryError) as exc:
+            error = str(exc).splitlines()[0][:300]
+        end = time.perf_counter()
+    steps = timer.per_step(warmup)  # (the next PeakMemory collects this stage's garbage before it starts)
+    record = {
+        "fit": error is None, "error": error, "label": pm.peak.label, "peak_bytes": pm.peak.peak_bytes,
+        "reserved_bytes": pm.peak.reserved_bytes, "start_bytes": pm.peak.start_bytes, "wall_s": end - timer.start,
+        "steps_timed": len(steps), "s_per_step": sum(steps) / len(steps) if steps and error is None else None,
+        "decode_s": end - timer.stamps[-1] if timer.stamps and error is None else None,
+    }
+    record["it_per_s"] = 1 / record["s_per_step"] if record["s_per_step"] else None
+    return out, record
+
+
+def _side(components, resolution: int | None) -> int:
+    side = resolution or components.native
+    if side % components.multiple:
+        raise InputError(f"--resolution {side} must be a multiple of {components.multiple} for this model")
+    return side
+
+
+def bench_preset(scn: Scenario, on_event: Event) -> dict:
+    """Load the model with the preset's memory knobs, encode a random image, then run A, B and C."""
+    from .imagic import finetune, generate, optimize_embedding
+    from .models import encode, load_components
+
+    preset, device, total = scn.preset, scn.device, scn.warmup + scn.steps
+    entry: dict[str, Any] = {"settings": preset.to_dict(), "stages": {}}
+    t0 = time.perf_counter()
+    c, load = _run_stage(device, 0, lambda _: load_components(scn.model, preset.memory, device))
+    entry.update(load_s=time.perf_counter() - t0, load=load)
+    if c is None:
+        return entry
+    side = _side(c, scn.resolution)
+    entry.update(side=side, compute_dtype=str(c.dtype).removeprefix("torch."), notes=list(c.notes))
+    pixels = torch.rand((1, 3, side, side), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    stages = entry["stages"]
+    enc, stages["encode"] = _run_stage(device, 0, lambda _: encode(c, pixels, PROMPT))
+    on_event({"preset": preset.name, "stage": "encode", **stages["encode"]})
+    if enc is None:
+        return entry
+    e_opt, stages["A"] = _run_stage(device, scn.warmup, lambda t: optimize_embedding(
+        c, enc.latent, enc.e_tgt, replace(preset.embed, steps=total), progress=t))
+    on_event({"preset": preset.name, "stage": "A", **stages["A"]})
+    e_opt = e_opt[0] if e_opt is not None else enc.e_tgt  # after an OOM, B and C still get measured
+    _, stages["B"] = _run_stage(device, scn.warmup, lambda t: finetune(
+        c, enc.latent, e_opt, replace(preset.tune, steps=total), progress=t)[1])
+    on_event({"preset": preset.name, "stage": "B", **stages["B"]})
+    sample = replace(preset.sample, steps=total, etas=(1.0,), seeds=(0,), batch=1)
+    _, stages["C"] = _run_stage(device, scn.warmup, lambda t: len(generate(
+        c, enc.e_tgt, e_opt, enc.uncond, sample, side, side, progress=t)))
+    on_event({"preset": preset.name, "stage": "C", **stages["C"]})
+    return entry  # the components go with this frame; run_bench collects them before the next preset
+
+
+def projected_seconds(preset: Preset, entry: dict) -> dict[str, float | None]:
+    """The whole run at the preset's real step counts: A and B steps, and every (eta, seed) image of stage C
+    (steps + decode; batching is not credited). None where a stage did not fit."""
+    stages = entry.get("stages", {})
+
+    def per(stage: str) -> float | None:
+        return stages.get(stage, {}).get("s_per_step")
+
+    out: dict[str, float | None] = {"encode": stages.get("encode", {}).get("wall_s")}
+    out["A"] = per("A") * preset.embed.steps if per("A") is not None else None
+    out["B"] = per("B") * preset.tune.steps if per("B") is not None else None
+    images = len(preset.sample.etas) * len(preset.sample.seeds)
+    c = stages.get("C", {})
+    out["C"] = images * (per("C") * preset.sample.steps + c["decode_s"]) if per("C") is not None else None
+    out["total"] = None if None in out.values() else sum(out.values())
+    return out
+
+
+def add_ratios(result: dict) -> None:
+    """Every figure as a ratio to `paper` (peak bytes, s/step, projected time); None where either side is missing."""
+    paper = result["presets"].get(PAPER)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    for entry in result["presets"].values():
+        ratios: dict[str, Any] = {}
+        for stage, rec in entry.get("stages", {}).items():
+            ref = (paper or {}).get("stages", {}).get(stage, {})
+            ok = rec.get("fit") and ref.get("fit")
+            ratios[stage] = {"peak": ratio(rec["peak_bytes"], ref.get("peak_bytes")) if ok else None,
+                             "s_per_step": ratio(rec.get("s_per_step"), ref.get("s_per_step")) if ok else None}
+        ref_total = (paper or {}).get("projected_s", {}).get("total")
+        ratios["projected_total"] = ratio(entry.get("projected_s", {}).get("total"), ref_total)
+        entry["ratios"] = ratios
+
+
+def add_estimates(result: dict, facts) -> None:
+    """The memory estimate beside each measurement, and its relative error (estimate / measured - 1)."""
+    device = result["env"]["device"]
+    for name, entry in result["presets"].items():
+        if "side" not in entry:
+            continue
+        est = estimate(load_preset(name), facts, entry["side"], entry["side"], device=device)
+        for stage, rec in entry["stages"].items():
+            if stage in est:
+                total = est[stage]["total"] - (est[stage]["overhead"] if device == "cuda" else 0)
+                rec["estimate_bytes"] = total  # CUDA: compare with the allocator peak, so no context
+                rec["estimate_error"] = total / rec["peak_bytes"] - 1 if rec.get("fit") else None
+
+
+def environment(device: torch.device, command: str) -> dict[str, Any]:
+    """Where and with what a result was measured."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import psutil
+
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    env: dict[str, Any] = {
+        "device": device.type, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+        "ram_bytes": psutil.virtual_memory().total, "load_average": list(psutil.getloadavg()),
+        **{name: ver(name) for name in ("torch", "diffusers", "transformers", "peft", "bitsandbytes")},
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        free, total = torch.cuda.mem_get_info(device)
+        env.update(device_name=props.name, total_bytes=props.total_memory, cuda=torch.version.cuda,
+                   driver=_driver_version(), context_bytes=total - free - torch.cuda.memory_reserved(device))
+    else:
+        env["device_name"] = _cpu_name()
+    return env
+
+
+def _driver_version() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _apply_cap(cap_gb: float | None, device: torch.device) -> dict[str, Any]:
+    """Emulate a smaller card: the allocator may use the cap minus the CUDA context this process already holds."""
+    if cap_gb is None or device.type != "cuda":
+        return {"cap_gb": cap_gb, "cap_applied": False}
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info(device)
+    context = total - free - torch.cuda.memory_reserved(device)
+    allowed = max(0, int(cap_gb * GiB) - context)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total), device)
+    return {"cap_gb": cap_gb, "cap_applied": True, "context_bytes": context, "allocator_limit_bytes": allowed}
+
+
+def run_bench(model: str, presets: list[str], resolution: int | None, steps: int, warmup: int,
+              cap_gb: float | None, device: torch.device | str | None = None, *, include_paper: bool = True,
+              command: str | None = None, on_event: Event | None = None) -> dict:
+    """Measure every preset in turn (the paper's full fine-tuning first, unless `include_paper` is False)."""
+    from .models import pick_device
+
+    if steps < 1 or warmup < 0:
+        raise InputError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
+    device = pick_device(str(device)) if device is not None else pick_device()
+    names = ([PAPER] if include_paper and PAPER not in presets else []) + list(dict.fromkeys(presets))
+    loaded = [load_preset(n) for n in names]  # unknown names fail here, before any model is built
+    result: dict[str, Any] = {
+        "schema": SCHEMA, "model": model, "resolution": resolution, "steps": steps, "warmup": warmup,
+        "env": environment(device, command if command is not None else " ".join(sys.argv)), "presets": {},
+    }
+    result.update(_apply_cap(cap_gb, device))
+    try:
+        for preset in loaded:
+            scn = Scenario(model, preset, resolution, steps, warmup, device)
+            entry = bench_preset(scn, on_event or (lambda _: None))
+            entry["projected_s"] = projected_seconds(preset, entry)
+            result["presets"][preset.name] = entry
+            _free(device)
+    finally:
+        if result["cap_applied"]:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    add_ratios(result)
+    add_estimates(result, arch_facts(model))
+    return result
+
+
+def results_name(result: dict) -> str:
+    env = result["env"]
+    where = env["device"] if env["device"] == "cpu" else "cuda-" + env.get("device_name", "gpu").split()[-1]
+    arch = result["model"].removeprefix("arch:").replace("/", "_").replace(":", "_")
+    side = next((e["side"] for e in result["presets"].values() if "side" in e), result.get("resolution"))
+    size = f"-{side}px" if side else ""
+    cap = f"-cap{result['cap_gb']:g}gb" if result.get("cap_gb") else ""
+    stamp = env["date"][:19].replace(":", "").replace("-", "")
+    return f"bench-{where.lower()}-{arch}{size}{cap}-{stamp}.json"
+
+
+def write_results(result: dict, out_dir: str | Path) -> Path:
+    """Write the result JSON atomically under `out_dir`; returns its path."""
+    path = Path(out_dir) / results_name(result)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _s(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.2f}" if s < 100 else f"{s:.0f}"
+
+
+def render_table(result: dict) -> str:
+    """The result as a markdown table; the memory column says what it measured (CPU RSS is not VRAM)."""
+    env = result["env"]
+    cpu = env["device"] == "cpu"
+    what = "peak RSS of the process (CPU; not VRAM)" if cpu else "CUDA max_memory_allocated"
+    side = next((e["side"] for e in result["presets"].values() if "side" in e), result["resolution"])
+    lines = [
+        f"### {result['model']} at {side} px on {env.get('device_name', env['device'])}"
+        + (f", capped at {result['cap_gb']:g} GiB" if result.get("cap_applied") else ""),
+        "",
+        f"{result['warmup']} warm-up + {result['steps']} timed steps per stage; memory = {what}; "
+        f"torch {env['torch']}, diffusers {env['diffusers']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
+        "",
+        "| preset | stage | fit | peak GiB | x paper | estimate GiB | est. error | s/step | x paper | projected run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in result["presets"].items():
+        total = entry.get("projected_s", {}).get("total")
+        if not entry.get("stages"):
+            lines.append(f"| {name} | load | no | - | - | - | - | - | - | - |")
+        for stage, rec in entry.get("stages", {}).items():
+            ratio = entry.get("ratios", {}).get(stage, {})
+            err = rec.get("estimate_error")
+            run = f"{_s(total)} s ({_x(entry['ratios']['projected_total'])})" if stage == "C" and total else ""
+            lines.append(
+                f"| {name} | {stage} | {'yes' if rec['fit'] else 'no'} | {_gib(rec['peak_bytes'])} | "
+                f"{_x(ratio.get('peak'))} | {_gib(rec.get('estimate_bytes'))} | "
+                f"{'-' if err is None else f'{err:+.0%}'} | {_s(rec.get('s_per_step'))} | "
+                f"{_x(ratio.get('s_per_step'))} | {run} |"
+            )
+    return "\n".join(lines) + "\n"
