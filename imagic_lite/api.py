@@ -47,26 +47,32 @@ def device_info(device: torch.device) -> dict[str, Any]:
 def choose_preset(preset: str | None, vram: str | None, device: torch.device) -> tuple[Preset, list[str]]:
     """--preset wins; else --vram N (or auto) on CUDA; without CUDA the `cpu` preset."""
     notes: list[str] = []
+    gb = None if vram in (None, "auto") else _parse_vram(vram)
     if preset:
         return load_preset(preset), notes
     if device.type != "cuda":
-        if vram not in (None, "auto"):
+        if gb is not None:
+            preset_for_vram(gb)  # still refuse a budget below every preset
             notes.append("no CUDA device: using the cpu preset (--vram applies to GPUs)")
         return load_preset("cpu"), notes
-    if vram in (None, "auto"):
+    if gb is None:
         from .memory import auto_vram
 
         free_gb = auto_vram()
         chosen = preset_for_vram(free_gb)
         notes.append(f"--vram auto: {free_gb:.1f} GB free on the GPU, using preset {chosen.name}")
         return chosen, notes
+    return preset_for_vram(gb), notes
+
+
+def _parse_vram(vram: str) -> float:
     try:
         gb = float(vram)
     except ValueError:
         raise ConfigError(f"--vram takes a number of GB or 'auto', got {vram!r}") from None
     if not 0 < gb < 1024:
         raise ConfigError(f"--vram must be a positive number of GB, got {vram}")
-    return preset_for_vram(gb), notes
+    return gb
 
 
 def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, overrides: dict[str, Any]) -> Preset:

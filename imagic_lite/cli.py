@@ -307,7 +307,9 @@ def export(bundle_path: Path, outdir: Path, to: str, overwrite: bool) -> None:
     from .bundle import export as export_bundle
     from .bundle import load_bundle
 
-    name = bundle_path.name.split(".imagic")[0] or "imagic"
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", bundle_path.name.split(".imagic")[0]) or "imagic"
     files = export_bundle(load_bundle(bundle_path), to, outdir, name=name, overwrite=overwrite)
     for f in files:
         click.echo(str(f))
@@ -377,10 +379,23 @@ def presets_command(json_out: bool) -> None:
     _console(stderr=False).print(table)
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM outside a training stage ends like Ctrl-C (exit 130); inside one, the stage's StopFlag takes over."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: our errors become one line on stderr and a documented exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    _sigterm_as_interrupt()
     try:
         cli.main(args=args, prog_name="imagic-lite", standalone_mode=False)
     except click.exceptions.Abort:
