@@ -127,7 +127,11 @@ class Imagic:
             chosen = preset
         else:
             chosen, notes = choose_preset(preset, vram, dev)
-        settings = resolve_settings(resolve_model(model), chosen, config_file, overrides or {})
+        from .models import detect_family
+
+        model_dir = resolve_model(model)
+        chosen = chosen.for_family(detect_family(model_dir).name)
+        settings = resolve_settings(model_dir, chosen, config_file, overrides or {})
         start = time.perf_counter()
         components = load_components(model, settings.memory, dev)
         self = cls(components, settings, notes)

@@ -304,10 +304,10 @@ def info(bundle_path: Path, json_out: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing files in OUTDIR.")
 def export(bundle_path: Path, outdir: Path, to: str, overwrite: bool) -> None:
     """Write the LoRA for diffusers or kohya/A1111/ComfyUI, and the embeddings as prompt_embeds."""
+    import re
+
     from .bundle import export as export_bundle
     from .bundle import load_bundle
-
-    import re
 
     name = re.sub(r"[^A-Za-z0-9._-]", "_", bundle_path.name.split(".imagic")[0]) or "imagic"
     files = export_bundle(load_bundle(bundle_path), to, outdir, name=name, overwrite=overwrite)

@@ -130,13 +130,23 @@ class Preset:
     tune: TuneSettings = field(default_factory=TuneSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
+    # Per-family adjustments, e.g. {"sdxl": {"memory": {"storage": "nf4"}}}: SDXL's 2.6 B-parameter UNet needs
+    # more savings on the same card. Validated at load; applied by `for_family` once the model is known.
+    family: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "family"}
+
+    def for_family(self, name: str) -> Preset:
+        table = self.family.get(name)
+        if not table:
+            return self
+        return apply_overrides(replace(self, family={}), table, f"preset {self.name} [{name}.*]")
 
 
 SECTIONS = {"embed": EmbedSettings, "tune": TuneSettings, "sample": SampleSettings, "memory": MemorySettings}
 TOP_KEYS = {"format_version", "name", "description", "vram_gb"}
+FAMILY_NAMES = ("sd", "sdxl")  # as models.FAMILIES
 
 
 def _line_of(text: str, section: str | None, key: str) -> int | None:
@@ -181,8 +191,15 @@ def apply_overrides(preset: Preset, data: dict[str, Any], source: str, text: str
     """Return `preset` with the sections/keys of a parsed TOML table applied; unknown keys are errors."""
     top: dict[str, Any] = {}
     sections = {name: getattr(preset, name) for name in SECTIONS}
+    families = dict(preset.family)
     for key, value in data.items():
-        if key in SECTIONS:
+        if key in FAMILY_NAMES:
+            where = _where(source, text, None, key)
+            _check(isinstance(value, dict) and set(value) <= set(SECTIONS),
+                   f"{where}: [{key}.*] may only hold {', '.join(f'[{key}.{s}]' for s in SECTIONS)} tables")
+            apply_overrides(Preset(), value, f"{source} [{key}.*]", "")  # validate now, apply later
+            families[key] = value
+        elif key in SECTIONS:
             _check(isinstance(value, dict), f"{_where(source, text, None, key)}: expected a [{key}] table")
             known = {f.name: f.type for f in fields(SECTIONS[key])}
             changes = {}
@@ -204,9 +221,9 @@ def apply_overrides(preset: Preset, data: dict[str, Any], source: str, text: str
             else:
                 top[key] = _coerce(value, "str", _where(source, text, None, key))
         else:
-            known = ", ".join(sorted(TOP_KEYS | set(SECTIONS)))
+            known = ", ".join(sorted(TOP_KEYS | set(SECTIONS) | set(FAMILY_NAMES)))
             raise ConfigError(f"{_where(source, text, None, key)}: unknown key (known: {known})")
-    return replace(preset, **top, **sections)
+    return replace(preset, **top, **sections, family=families)
 
 
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:

@@ -90,3 +90,22 @@ def test_settings_validate_ranges(bad):
 def test_preset_roundtrips_to_dict():
     d = Preset().to_dict()
     assert set(d) == {"name", "description", "vram_gb", "embed", "tune", "sample", "memory"}
+
+
+def test_family_sections_adjust_presets_for_sdxl():
+    p = load_preset("8gb")
+    assert p.memory.storage == "none"
+    xl = p.for_family("sdxl")
+    assert xl.memory.storage == "nf4" and xl.memory.checkpointing and xl.tune.optimizer == "adamw8bit"
+    assert p.for_family("sd") == p
+    assert load_preset("12gb").for_family("sdxl").memory.checkpointing
+
+
+def test_family_section_is_validated_at_load(tmp_path):
+    bad = tmp_path / "x.toml"
+    bad.write_text("[sdxl.memory]\nstorage = 'nf5'\n")
+    with pytest.raises(ConfigError, match="memory.storage must be one of"):
+        load_preset(str(bad))
+    bad.write_text("[sdxl.wat]\nx = 1\n")
+    with pytest.raises(ConfigError, match=r"\[sdxl\.\*\] may only hold"):
+        load_preset(str(bad))
