@@ -268,3 +268,27 @@ def test_interrupt_saves_checkpoint_and_resume_matches_uninterrupted(photo, tmp_
     assert whole.returncode == 0, whole.stderr
     name = "photo_eta0.70_seed0.png"
     assert Image.open(tmp_path / "cut" / name).tobytes() == Image.open(tmp_path / "whole" / name).tobytes()
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd-v"])
+def test_other_families_run_and_edit_reproduces(tiny_models, photo, tmp_path, capsys, kind):
+    out = tmp_path / "o"
+    code, _, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_models[kind], "--out", out, "--etas", "0.8",
+                          *FAST)
+    assert code == 0, err
+    bundle = out / "photo.imagic.safetensors"
+    code, stdout, _ = invoke(capsys, "info", bundle, "--json")
+    info = json.loads(stdout)
+    assert info["metadata"]["family"] == ("sdxl" if kind == "sdxl" else "sd")
+    assert ("e_opt_pooled" in json.dumps(info)) == (kind == "sdxl")
+    code, _, err = invoke(capsys, "edit", bundle, "--model", tiny_models[kind], "--out", tmp_path / "e", "--quiet")
+    assert code == 0, err
+    name = "photo_eta0.80_seed0.png"
+    assert Image.open(out / name).tobytes() == Image.open(tmp_path / "e" / name).tobytes()
+
+
+def test_bundle_for_another_model_needs_force(first_run, tiny_models, tmp_path, capsys):
+    out, _, _ = first_run
+    bundle = out / "cat photo.imagic.safetensors"
+    code, _, err = invoke(capsys, "edit", bundle, "--model", tiny_models["sd-v"], "--out", tmp_path / "e")
+    assert_one_line_error(code, err, 6, "--force")
