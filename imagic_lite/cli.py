@@ -38,25 +38,15 @@ def _quiet_libraries(debug: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+def _numbers(text: str | None, name: str, kind: type = float) -> tuple | None:
+    """Parse a comma-separated flag value like `0.6,0.7` (floats) or `0,1,2` (kind=int)."""
     if text is None:
         return None
+    example = "0.6,0.7,0.8" if kind is float else "0,1,2"
     try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
+        values = tuple(kind(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise InputError(f"{name} takes comma-separated numbers like 0.6,0.7,0.8; got {text!r}") from None
-    if not values:
-        raise InputError(f"{name} needs at least one value")
-    return values
-
-
-def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"{name} takes comma-separated whole numbers like 0,1,2; got {text!r}") from None
+        raise InputError(f"{name} takes comma-separated numbers like {example}; got {text!r}") from None
     if not values:
         raise InputError(f"{name} needs at least one value")
     return values
@@ -147,8 +137,8 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
         raise InputError(f"--seed must be >= 0, got {seed}")
     overrides = _overrides(
         embed_steps=embed_steps, embed_lr=embed_lr, tune_steps=tune_steps, tune_lr=tune_lr, rank=rank, mode=mode,
-        sample_steps=sample_steps, guidance=guidance, etas=_floats(etas, "--etas"), seeds=_ints(seeds, "--seeds"),
-        batch=batch,
+        sample_steps=sample_steps, guidance=guidance, etas=_numbers(etas, "--etas"),
+        seeds=_numbers(seeds, "--seeds", int), batch=batch,
     )
     loaded = load_image(image)  # before the model: a bad file should fail in a second, not after loading
     stem = image.stem.replace(".", "_") or "image"
@@ -252,7 +242,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     _print_notes(console, imagic.notes + warnings_)
     stored = json.loads(bundle.meta.get("settings", "{}")).get("sample", {})
     base = SampleSettings(**{k: v for k, v in stored.items() if k in SampleSettings.__dataclass_fields__})
-    flags = {"etas": _floats(etas, "--etas"), "seeds": _ints(seeds, "--seeds"), "steps": sample_steps,
+    flags = {"etas": _numbers(etas, "--etas"), "seeds": _numbers(seeds, "--seeds", int), "steps": sample_steps,
              "guidance": guidance, "batch": batch}
     sample = replace(base, **{k: v for k, v in flags.items() if v is not None})
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:

@@ -30,15 +30,6 @@ from imagic_lite.models import Cond, load_components
 LORA = {"r": 4, "lora_alpha": 2.0, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}  # alpha != r on purpose
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~100x faster than two fighting a background job."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_models):
     """Loaded tiny components by kind, fp32 on the CPU."""
