@@ -173,3 +173,9 @@ def test_long_prompt_reports_cut_words(tiny_sd):
     c = _load(tiny_sd)
     enc = encode(c, _pixels(), "a dog " + "very " * 30 + "fluffy tail")
     assert enc.truncated.endswith("tail") or "tail" in enc.truncated.replace(" ", "")
+
+
+def test_fingerprint_does_not_depend_on_load_dtype(tiny_models):
+    fingerprints = {_load(tiny_models["sd"], weights=w).fingerprint for w in ("fp32", "bf16", "fp16")}
+    assert len(fingerprints) == 1
+    assert _load(tiny_models["sdxl"]).fingerprint not in fingerprints
