@@ -1,7 +1,7 @@
 """Render bench results: each JSON becomes a markdown table (.md) and a PNG chart of peak memory per stage and preset
 with 4/6/8/12 GB card lines; fit-*.json files (caps) become a preset x cap table.
 
-Usage: python benchmarks/render.py benchmarks/results/bench-*.json [benchmarks/results/fit-*.json]
+Usage: python benchmarks/render.py [--re-estimate] benchmarks/results/bench-*.json [benchmarks/results/fit-*.json]
 """
 
 from __future__ import annotations
@@ -74,17 +74,22 @@ def fit_table(fit: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(paths: list[str]) -> int:
-    from imagic_lite.bench import render_table
+def main(argv: list[str]) -> int:
+    re_estimate = "--re-estimate" in argv  # recompute the estimate columns with memory.py's current constants
+    from imagic_lite.bench import add_estimates, render_table
+    from imagic_lite.memory import arch_facts
 
-    for name in paths:
+    for name in (a for a in argv if a != "--re-estimate"):
         path = Path(name)
         data = json.loads(path.read_text())
         if "caps" in data:
             path.with_suffix(".md").write_text(fit_table(data), encoding="utf-8")
-        else:
-            path.with_suffix(".md").write_text(render_table(data), encoding="utf-8")
-            chart(data, path.with_suffix(".png"))
+            continue
+        if re_estimate:
+            add_estimates(data, arch_facts(data["model"]))
+            path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        path.with_suffix(".md").write_text(render_table(data), encoding="utf-8")
+        chart(data, path.with_suffix(".png"))
         print(f"rendered {path.with_suffix('.md')}")
     return 0
 

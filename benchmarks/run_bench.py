@@ -50,7 +50,7 @@ def show(event: dict) -> None:
 
 def run_isolated(args: argparse.Namespace, argv: list[str], cap: float | None, command: str) -> dict:
     """Each preset in its own process; the parent merges them and adds ratios and estimates, as run_bench does."""
-    from imagic_lite.bench import PAPER, add_estimates, add_ratios, projected_seconds
+    from imagic_lite.bench import PAPER, add_estimates, add_ratios, preset_of, projected_seconds
     from imagic_lite.config import load_preset
     from imagic_lite.memory import arch_facts
 
@@ -74,8 +74,9 @@ def run_isolated(args: argparse.Namespace, argv: list[str], cap: float | None, c
     if merged is None:
         raise SystemExit("no preset produced a result")
     merged["env"]["command"] = command
-    for name, entry in merged["presets"].items():
-        entry["projected_s"] = projected_seconds(load_preset(name), entry)
+    for entry in merged["presets"].values():
+        if "settings" in entry and entry.get("stages"):
+            entry["projected_s"] = projected_seconds(preset_of(entry), entry)
     add_ratios(merged)
     add_estimates(merged, arch_facts(args.model))
     return merged
@@ -94,13 +95,16 @@ def run_once(args: argparse.Namespace, argv: list[str], cap: float | None, prese
 
 
 def save(result: dict, args: argparse.Namespace) -> str:
+    from render import chart
+
     from imagic_lite.bench import render_table, write_results
 
     path = None
     for folder in filter(None, (args.out, args.also_out)):
         path = write_results(result, folder)
         path.with_suffix(".md").write_text(render_table(result), encoding="utf-8")
-        print(f"wrote {path}", flush=True)
+        chart(result, path.with_suffix(".png"))
+        print(f"wrote {path} (+ .md, .png)", flush=True)
     return path.name if path else ""
 
 

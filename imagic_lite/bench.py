@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from .config import Preset, load_preset
+from .config import Preset, apply_overrides, load_preset
 from .errors import InputError, OutOfMemory
 from .files import atomic_path
-from .memory import GiB, PeakMemory, arch_facts, estimate
+from .memory import GiB, PeakMemory, arch_facts, estimate, estimate_constants
 
 SCHEMA = 1
 PAPER = "paper"
@@ -99,13 +99,39 @@ def _side(components, resolution: int | None) -> int:
     return side
 
 
+def native_half(device: torch.device) -> bool:
+    """Whether half precision runs at full speed: CUDA, or a CPU whose oneDNN has bf16 (AVX512-BF16 / AMX)."""
+    if device.type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def effective_preset(preset: Preset, device: torch.device) -> tuple[Preset, dict[str, str]]:
+    """The preset as benchmarked here: on a CPU without native bf16 (convolutions ~150x slower than fp32 on an
+    AVX2-only EPYC) half-precision weights become fp32; every other knob stays. Returns the changes made."""
+    if preset.memory.weights == "fp32" or native_half(device):
+        return preset, {}
+    memory = replace(preset.memory, weights="fp32")
+    return replace(preset, memory=memory), {"memory.weights": "fp32 (this CPU has no native bf16)"}
+
+
+def preset_of(entry: dict) -> Preset:
+    """The settings a result entry was measured with, as a Preset again."""
+    data = json.loads(json.dumps(entry["settings"]))  # tuples become the lists a TOML table would hold
+    return apply_overrides(Preset(), {k: v for k, v in data.items() if v is not None}, "bench result")
+
+
 def bench_preset(scn: Scenario, on_event: Event) -> dict:
     """Load the model with the preset's memory knobs, encode a random image, then run A, B and C."""
     from .imagic import finetune, generate, optimize_embedding
     from .models import encode, load_components
 
-    preset, device, total = scn.preset, scn.device, scn.warmup + scn.steps
-    entry: dict[str, Any] = {"settings": preset.to_dict(), "stages": {}}
+    preset, overrides = effective_preset(scn.preset, scn.device)
+    device, total = scn.device, scn.warmup + scn.steps
+    entry: dict[str, Any] = {"settings": preset.to_dict(), "overrides": overrides, "stages": {}}
     t0 = time.perf_counter()
     c, load = _run_stage(device, 0, lambda _: load_components(scn.model, preset.memory, device))
     entry.update(load_s=time.perf_counter() - t0, load=load)
@@ -173,10 +199,11 @@ def add_ratios(result: dict) -> None:
 def add_estimates(result: dict, facts) -> None:
     """The memory estimate beside each measurement, and its relative error (estimate / measured - 1)."""
     device = result["env"]["device"]
-    for name, entry in result["presets"].items():
+    result["estimate_constants"] = estimate_constants()
+    for entry in result["presets"].values():
         if "side" not in entry:
             continue
-        est = estimate(load_preset(name), facts, entry["side"], entry["side"], device=device)
+        est = estimate(preset_of(entry), facts, entry["side"], entry["side"], device=device)
         for stage, rec in entry["stages"].items():
             if stage in est:
                 total = est[stage]["total"] - (est[stage]["overhead"] if device == "cuda" else 0)
@@ -249,15 +276,18 @@ def run_bench(model: str, presets: list[str], resolution: int | None, steps: int
               cap_gb: float | None, device: torch.device | str | None = None, *, include_paper: bool = True,
               command: str | None = None, on_event: Event | None = None) -> dict:
     """Measure every preset in turn (the paper's full fine-tuning first, unless `include_paper` is False)."""
-    from .models import pick_device
+    from .models import detect_family, pick_device, resolve_model
 
     if steps < 1 or warmup < 0:
         raise InputError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
     device = pick_device(str(device)) if device is not None else pick_device()
     names = ([PAPER] if include_paper and PAPER not in presets else []) + list(dict.fromkeys(presets))
     loaded = [load_preset(n) for n in names]  # unknown names fail here, before any model is built
+    family = detect_family(resolve_model(model)).name
+    loaded = [p.for_family(family) for p in loaded]  # e.g. the NF4 base some presets use for SDXL
     result: dict[str, Any] = {
-        "schema": SCHEMA, "model": model, "resolution": resolution, "steps": steps, "warmup": warmup,
+        "schema": SCHEMA, "model": model, "family": family, "resolution": resolution, "steps": steps,
+        "warmup": warmup,
         "env": environment(device, command if command is not None else " ".join(sys.argv)), "presets": {},
     }
     result.update(_apply_cap(cap_gb, device))
@@ -320,7 +350,12 @@ def render_table(result: dict) -> str:
         + (f", capped at {result['cap_gb']:g} GiB" if result.get("cap_applied") else ""),
         "",
         f"{result['warmup']} warm-up + {result['steps']} timed steps per stage; memory = {what}; "
-        f"torch {env['torch']}, diffusers {env['diffusers']}, bitsandbytes {env['bitsandbytes']}; {env['date']}.",
+        f"torch {env['torch']}, diffusers {env['diffusers']}, bitsandbytes {env['bitsandbytes']}; {env['date']}"
+        + (f"; load average {env['load_average'][0]:.1f} on {env['cpu_threads']} threads (shared machine: timings "
+           "are noisy)." if cpu and env.get("load_average") else "."),
+        "",
+        *[f"On this device {name} ran with {k} = {v}." for name, e in result["presets"].items()
+          for k, v in e.get("overrides", {}).items()],
         "",
         "| preset | stage | fit | peak GiB | x paper | estimate GiB | est. error | s/step | x paper | projected run |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -189,6 +189,13 @@ CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context and library workspaces, outs
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit Adam state for tensors smaller than this (its min_8bit_size)
 
 
+def estimate_constants() -> dict[str, object]:
+    """The estimate's constants, stored beside the estimates they produced."""
+    return {"ACT_FP32": dict(ACT_FP32), "HALF_FACTOR": HALF_FACTOR, "CKPT_FACTOR": CKPT_FACTOR,
+            "FAMILY_ACT_SCALE": dict(FAMILY_ACT_SCALE), "CPU_OVERHEAD_BYTES": CPU_OVERHEAD_BYTES,
+            "CUDA_CONTEXT_BYTES": CUDA_CONTEXT_BYTES}
+
+
 def compute_bytes(preset: Preset) -> int:
     """Bytes per element of frozen weights and activations: fp32 for `fp32` and for full fine-tuning, else 2."""
     return 4 if preset.memory.weights == "fp32" or preset.tune.mode == "full" else 2
@@ -286,7 +293,8 @@ def choose_preset_for_budget(gb: float, facts: ArchFacts | None = None, resoluti
     named by the card, e.g. for SDXL, or up to the smallest preset when the card is smaller than every `vram_gb`."""
     facts = facts or arch_facts("arch:sd15")
     size = resolution or facts.vae_sample_size
-    cards = sorted((p for p in all_presets() if p.vram_gb is not None), key=lambda p: p.vram_gb)
+    cards = sorted((p.for_family(facts.family) for p in all_presets() if p.vram_gb is not None),
+                   key=lambda p: p.vram_gb)
     candidates = [p for p in cards if p.vram_gb <= gb] or cards[:1]
     fitting = [p for p in candidates if peak_estimate(p, facts, size, size) <= gb * GiB]
     if not fitting:

@@ -7,7 +7,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from test_memory import one_thread  # noqa: F401  (autouse: one OpenMP thread for tiny models)
+import torch
 
 from imagic_lite import bench
 from imagic_lite.config import load_preset
@@ -103,3 +103,15 @@ def test_write_results_and_render_table(result, tmp_path):
     assert "not VRAM" in table
     assert "| paper | A | yes |" in table and "| cpu | C | yes |" in table
     assert table.count("\n| ") == 1 + 2 * len(STAGES)  # the header, then one row per preset and stage
+
+
+def test_half_precision_becomes_fp32_on_a_cpu_without_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(bench, "native_half", lambda device: False)
+    preset, changes = bench.effective_preset(load_preset("4gb"), cpu)
+    assert preset.memory.weights == "fp32" and "memory.weights" in changes
+    assert preset.memory.storage == "fp8" and preset.memory.checkpointing  # every other knob stays
+    assert bench.effective_preset(load_preset("cpu"), cpu) == (load_preset("cpu"), {})
+    monkeypatch.setattr(bench, "native_half", lambda device: True)
+    assert bench.effective_preset(load_preset("4gb"), cpu)[1] == {}
+    assert bench.preset_of(json.loads(json.dumps({"settings": preset.to_dict()}))) == preset

@@ -17,15 +17,6 @@ from imagic_lite.memory import GiB, PeakMemory
 MiB = 2**20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: a second OpenMP thread only adds waiting (test_bench imports this)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def sd15():
     return memory.arch_facts("arch:sd15")
