@@ -44,8 +44,10 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return {"type": device.type, "name": name, "threads": torch.get_num_threads()}
 
 
-def choose_preset(preset: str | None, vram: str | None, device: torch.device) -> tuple[Preset, list[str]]:
-    """--preset wins; else --vram N (or auto) on CUDA; without CUDA the `cpu` preset."""
+def choose_preset(preset: str | None, vram: str | None, device: torch.device,
+                  model: str = DEFAULT_MODEL) -> tuple[Preset, list[str]]:
+    """--preset wins; else --vram N (or auto: free memory against the estimate for `model`) on CUDA; without
+    CUDA the `cpu` preset."""
     notes: list[str] = []
     gb = None if vram in (None, "auto") else _parse_vram(vram)
     if preset:
@@ -56,10 +58,10 @@ def choose_preset(preset: str | None, vram: str | None, device: torch.device) ->
             notes.append("no CUDA device: using the cpu preset (--vram applies to GPUs)")
         return load_preset("cpu"), notes
     if gb is None:
-        from .memory import auto_vram
+        from .memory import arch_facts, auto_vram, choose_preset_for_budget
 
         free_gb = auto_vram()
-        chosen = preset_for_vram(free_gb)
+        chosen = choose_preset_for_budget(free_gb, arch_facts(model))
         notes.append(f"--vram auto: {free_gb:.1f} GB free on the GPU, using preset {chosen.name}")
         return chosen, notes
     return preset_for_vram(gb), notes
@@ -126,7 +128,7 @@ class Imagic:
         if isinstance(preset, Preset):
             chosen = preset
         else:
-            chosen, notes = choose_preset(preset, vram, dev)
+            chosen, notes = choose_preset(preset, vram, dev, model)
         from .models import detect_family
 
         model_dir = resolve_model(model)

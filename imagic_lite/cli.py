@@ -340,31 +340,32 @@ def bench(ctx: click.Context, model: str, preset_list: str, resolution: int | No
 def presets_command(json_out: bool) -> None:
     """The shipped presets, their knobs, estimated and measured peak memory."""
     from .config import all_presets
-    from .memory import estimate, measured_peaks
+    from .memory import arch_facts, estimate, measured_peaks
 
-    measured = measured_peaks(Path("benchmarks/results"))
+    facts = arch_facts("arch:sd15")
+    measured = measured_peaks(Path("benchmarks/results"))  # CUDA runs only: CPU peak RSS is not VRAM
     rows = []
-    for p in all_presets():
-        est = estimate(p, "sd15", 512, 512)
+    for p in sorted(all_presets(), key=lambda p: (p.vram_gb is None, p.vram_gb or 0, p.name)):
+        est = {stage: parts["total"] for stage, parts in estimate(p.for_family("sd"), facts, 512, 512).items()}
         rows.append({"name": p.name, "vram_gb": p.vram_gb, "description": p.description,
                      "memory": p.memory.__dict__, "tune": p.tune.mode, "optimizer": p.tune.optimizer,
-                     "estimate_sd15_512": est, "measured": measured.get(p.name, {})})
+                     "estimate_sd15_512": est, "measured_cuda": measured.get(p.name, {})})
     if json_out:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     from rich.table import Table
 
-    table = Table(title="presets (estimates for SD 1.5 at 512; measured where a bench result exists)")
-    for col in ("name", "card", "weights", "storage", "ckpt", "optimizer", "est. peak B", "measured peak B", "about"):
-        table.add_column(col, overflow="fold")
+    table = Table(title="presets: stage B peak GPU memory, SD 1.5 at 512", caption="est. = the memory model's "
+                  "estimate; measured = a CUDA `imagic-lite bench` result, where one exists. --json has all stages.")
+    for col in ("name", "card", "weights", "storage", "ckpt", "optimizer", "est. B", "measured B"):
+        table.add_column(col, no_wrap=True)
     for r in rows:
         est_b = r["estimate_sd15_512"].get("B")
-        meas_b = r["measured"].get("B")
+        meas_b = r["measured_cuda"].get("B")
         table.add_row(
             r["name"], f"{r['vram_gb']:g} GB" if r["vram_gb"] else "-", r["memory"]["weights"],
             r["memory"]["storage"], "yes" if r["memory"]["checkpointing"] else "no", r["optimizer"],
             f"{est_b / 2**30:.2f} GiB" if est_b else "-", f"{meas_b / 2**30:.2f} GiB" if meas_b else "-",
-            r["description"],
         )
     _console(stderr=False).print(table)
 
