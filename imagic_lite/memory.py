@@ -179,12 +179,17 @@ def arch_facts(model: str = "arch:sd15") -> ArchFacts:
 # The estimate. Calibrated constants are marked CALIBRATED with their source; the rest are byte counts or ASSUMED.
 
 # Activation bytes per latent pixel (latent = image / 8) at fp32 without checkpointing, batch 1, SD 1.5: slopes of
-# peak RSS between 128 and 256 px CPU runs (benchmarks/results/calibration-cpu-sd15.json). CALIBRATED.
-ACT_FP32 = {"A": 400_000, "B-lora": 420_000, "B-full": 560_000, "C": 60_000}
-HALF_FACTOR = 0.55  # bf16-autocast / fp32 activation bytes, same runs (norms, softmax stay fp32). CALIBRATED.
-CKPT_FACTOR = 0.12  # activation bytes with / without gradient checkpointing, same runs. CALIBRATED.
-FAMILY_ACT_SCALE = {"sd": 1.0, "sdxl": 1.0}  # per latent pixel, relative to SD 1.5. ASSUMED.
-CPU_OVERHEAD_BYTES = int(0.9 * GiB)  # python + torch + libraries + heap slack in RSS, same runs. CALIBRATED.
+# peak RSS between 128 and 256 px CPU runs, so weights, optimizer state and the process cancel out
+# (benchmarks/results/calibration-cpu-sd15.json, from bench-cpu-sd15-{128,256}px-*.json). CALIBRATED.
+# B-full grows less than A: in full fine-tuning the weight gradients fill memory as activations are freed.
+ACT_FP32 = {"A": 578_000, "B-lora": 744_000, "B-full": 425_000, "C": 452_000}
+CKPT_FACTOR = 0.40  # activation growth with / without gradient checkpointing (8gb vs cpu, both fp32). CALIBRATED.
+# Half-precision / fp32 activation bytes under autocast. ASSUMED: convolution and linear inputs are saved in half,
+# norms and softmax statistics stay fp32. Not measurable here (this CPU has no native bf16, convolutions ran ~150x
+# slower); benchmarks/gpu_check.sh measures it (12gb vs cpu preset, both without checkpointing).
+HALF_FACTOR = 0.65
+FAMILY_ACT_SCALE = {"sd": 1.0, "sdxl": 1.0}  # per latent pixel, relative to SD 1.5. ASSUMED (see gpu_check.sh).
+CPU_OVERHEAD_BYTES = 728_000_000  # RSS beyond what the model parts explain: median over the same runs. CALIBRATED.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context and library workspaces, outside the allocator. ASSUMED.
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit Adam state for tensors smaller than this (its min_8bit_size)
 
