@@ -36,10 +36,12 @@ class Config:
     seed: int = 0
     image_size: int = 64
     vae_channels: tuple[int, ...] = (16, 32, 64)
-    vae_steps: int = 600
+    vae_steps: int = 1200
     vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_lr: float = 1.5e-3
     vae_kl_weight: float = 1e-6
+    decoder_steps: int = 600
+    decoder_lr: float = 5e-4
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_attention: tuple[bool, ...] = (False, True, True)
     text_width: int = 128
@@ -209,6 +211,10 @@ def train_vae(cfg: Config, work: Path, log: Logger):
         log(f"vae: using {final}")
         return AutoencoderKL.from_pretrained(str(final))
     vae = make_vae(cfg)
+    with torch.no_grad():
+        # Start the posterior nearly deterministic (std ~0.02): with the default std of 1 the decoder sees only
+        # noise for hundreds of steps and learns nothing but the mean image.
+        vae.quant_conv.bias[vae.config.latent_channels:].fill_(-8.0)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     rng, step = random.Random(cfg.seed + 1), 0
     ckpt = work / "vae-ckpt.pt"
@@ -245,6 +251,51 @@ def train_vae(cfg: Config, work: Path, log: Logger):
             save_checkpoint(ckpt, {"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
                                    "rng": rng.getstate(), "step": step})
     vae.eval()
+    vae.save_pretrained(str(final))
+    return vae
+
+
+def polish_decoder(cfg: Config, vae, work: Path, log: Logger):
+    """Fine-tune only the decoder on posterior means, the latents the UNet learns to produce.
+
+    The encoder is frozen, so the latent cache and any UNet trained on it stay valid: this stage may run (or rerun)
+    alongside UNet training and only sharpens what the pipeline decodes.
+    """
+    from diffusers import AutoencoderKL
+
+    final = work / "vae-polished"
+    if (final / "config.json").exists():
+        log(f"decoder: using {final}")
+        return AutoencoderKL.from_pretrained(str(final))
+    if cfg.decoder_steps <= 0:
+        return vae
+    vae.requires_grad_(False)
+    decoder_params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for param in decoder_params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder_params, lr=cfg.decoder_lr, weight_decay=0.0)
+    rng, started, running = random.Random(cfg.seed + 5), time.time(), 0.0
+    vae.train()
+    for step in range(1, cfg.decoder_steps + 1):
+        lr = learning_rate(step - 1, cfg.decoder_steps, cfg.decoder_lr, cfg.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = to_tensor([world.render(world.random_scene(rng, p_second=0.3), cfg.image_size)
+                       for _ in range(cfg.vae_batch)])
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.mean
+        recon = vae.decode(latents).sample
+        mse = F.mse_loss(recon, x)
+        optimizer.zero_grad(set_to_none=True)
+        mse.backward()
+        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
+        optimizer.step()
+        running = mse.item() if step == 1 else 0.98 * running + 0.02 * mse.item()
+        if step % 50 == 0 or step == cfg.decoder_steps:
+            log(f"decoder step {step}/{cfg.decoder_steps} mse {running:.5f} lr {lr:.2e} "
+                f"{(time.time() - started) / 50:.2f}s/step")
+            started = time.time()
+    vae.eval().requires_grad_(False)
     vae.save_pretrained(str(final))
     return vae
 
@@ -407,10 +458,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
     parser.add_argument("--steps", type=int, help="total UNet steps (raise it on --resume to train longer)")
     parser.add_argument("--vae-steps", type=int)
+    parser.add_argument("--decoder-steps", type=int, help="decoder-only polish steps (0 skips the stage)")
     parser.add_argument("--dataset-size", type=int)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 1 is far faster than 2 on a busy 2-core machine")
     parser.add_argument("--fp32", action="store_true", help="ship float32 weights instead of float16")
+    parser.add_argument("--only-decoder", action="store_true",
+                        help="train the VAE and polish its decoder, then stop (can run beside UNet training)")
     parser.add_argument("--write-tokenizer", action="store_true", help="only (re)write the packaged tokenizer files")
     args = parser.parse_args(argv)
     if args.write_tokenizer:
@@ -426,7 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{work} is not empty: pass --resume to continue it, or choose another --work")
     work.mkdir(parents=True, exist_ok=True)
     cfg = Config(**json.loads(config_path.read_text())) if config_path.exists() else Config()
-    overrides = {"steps": args.steps, "vae_steps": args.vae_steps, "dataset_size": args.dataset_size}
+    overrides = {"steps": args.steps, "vae_steps": args.vae_steps, "decoder_steps": args.decoder_steps,
+                 "dataset_size": args.dataset_size}
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -437,6 +492,9 @@ def main(argv: list[str] | None = None) -> None:
     vae = train_vae(cfg, work, log)
     vae.eval().requires_grad_(False)
     log(f"vae ready after {time.time() - started:.0f}s")
+    vae = polish_decoder(cfg, vae, work, log)
+    if args.only_decoder:
+        return
     latents, scenes, scaling = build_latent_cache(cfg, vae, work, log)
     vae.register_to_config(scaling_factor=scaling)
     unet, text_encoder, tokenizer, scheduler = train_unet(cfg, work, vae, latents, scenes, scaling, log)
