@@ -374,4 +374,11 @@ def render_table(result: dict) -> str:
                 f"{'-' if err is None else f'{err:+.0%}'} | {_s(rec.get('s_per_step'))} | "
                 f"{_x(ratio.get('s_per_step'))} | {run} |"
             )
+    sources = result.get("estimate_constants", {}).get("sources", {})
+    if sources:
+        calibrated = [k for k, v in sources.items() if v != "assumed"]
+        assumed = [k for k, v in sources.items() if v == "assumed"]
+        lines += ["", f"Estimate (imagic_lite.memory): {', '.join(calibrated)} calibrated from "
+                  f"{sources[calibrated[0]]}; {', '.join(assumed)} assumed. CUDA estimates exclude the context, "
+                  "to compare with the allocator's peak."]
     return "\n".join(lines) + "\n"

@@ -194,11 +194,16 @@ CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context and library workspaces, outs
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit Adam state for tensors smaller than this (its min_8bit_size)
 
 
+CALIBRATED_FROM = "SD 1.5 on this project's CPU at 128 and 256 px (benchmarks/results/calibration-cpu-sd15.json)"
+CONSTANT_SOURCES = {"ACT_FP32": CALIBRATED_FROM, "CKPT_FACTOR": CALIBRATED_FROM, "CPU_OVERHEAD_BYTES": CALIBRATED_FROM,
+                    "HALF_FACTOR": "assumed", "FAMILY_ACT_SCALE": "assumed", "CUDA_CONTEXT_BYTES": "assumed"}
+
+
 def estimate_constants() -> dict[str, object]:
-    """The estimate's constants, stored beside the estimates they produced."""
+    """The estimate's constants and where each comes from, stored beside the estimates they produced."""
     return {"ACT_FP32": dict(ACT_FP32), "HALF_FACTOR": HALF_FACTOR, "CKPT_FACTOR": CKPT_FACTOR,
             "FAMILY_ACT_SCALE": dict(FAMILY_ACT_SCALE), "CPU_OVERHEAD_BYTES": CPU_OVERHEAD_BYTES,
-            "CUDA_CONTEXT_BYTES": CUDA_CONTEXT_BYTES}
+            "CUDA_CONTEXT_BYTES": CUDA_CONTEXT_BYTES, "sources": dict(CONSTANT_SOURCES)}
 
 
 def compute_bytes(preset: Preset) -> int:
@@ -255,7 +260,8 @@ def activation_bytes(facts: ArchFacts, preset: Preset, stage: str, latent_px: in
 
 def estimate(preset: Preset, facts: ArchFacts, height: int, width: int, device: str = "cuda") -> dict[str, dict]:
     """Estimated peak bytes per stage, split into parts that add up to `total`. On `cuda` the total is what the
-    card must hold (allocator peak + context); on `cpu` it is peak RSS, with the encoders resident."""
+    card must hold (allocator peak + context); on `cpu` it is peak RSS, with the encoders resident. Pass the preset
+    as the model will run it: `preset.for_family(facts.family)`."""
     elem = compute_bytes(preset)
     latent_px = (height // 8) * (width // 8)
     unet = unet_weight_bytes(facts, "none" if preset.tune.mode == "full" else preset.memory.storage, elem)
