@@ -201,6 +201,8 @@ def test_output_folder_problems(photo, tmp_path, capsys, tiny_sd):
     (tmp_path / "afile").write_text("x")
     code, _, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", tmp_path / "afile")
     assert_one_line_error(code, err, 7, "is a file")
+    code, _, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", tmp_path / "afile" / "sub")
+    assert_one_line_error(code, err, 7, "cannot write")  # a parent that is a file: unwritable even for root
     if os.geteuid() != 0:  # root can write anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
