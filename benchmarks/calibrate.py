@@ -3,6 +3,7 @@
 Activation coefficients are slopes (peak difference / latent-pixel difference), so everything that does not grow
 with the image (weights, optimizer state, the process itself) cancels; the CPU overhead is the median intercept.
 Usage: python benchmarks/calibrate.py SMALL.json LARGE.json [--out benchmarks/results/calibration-cpu-sd15.json]
+       python benchmarks/calibrate.py SDXL_SMALL.json SDXL_LARGE.json --reference SD15_SMALL.json SD15_LARGE.json
 Presets used: paper (fp32, full), cpu (fp32, LoRA), 8gb (checkpointing), 12gb (half, where the CPU runs it).
 """
 
@@ -47,6 +48,13 @@ def fit(small: dict, large: dict) -> dict:
     return out
 
 
+def family_scale(small: dict, large: dict, ref_small: dict, ref_large: dict) -> dict:
+    """Activation growth per latent pixel of another architecture relative to the reference (cpu preset, fp32)."""
+    ratios = {st: slope(small, large, "cpu", st) / slope(ref_small, ref_large, "cpu", st) for st in ("A", "B", "C")}
+    return {"model": small["model"], "reference": ref_small["model"], "per_stage": {k: round(v, 3) for k, v in
+            ratios.items()}, "FAMILY_ACT_SCALE": round(statistics.mean(ratios.values()), 2)}
+
+
 def intercept(results: list[dict]) -> int:
     """Median of (measured peak - estimate without overhead) over every preset and stage: the process overhead."""
     from imagic_lite import memory
@@ -66,8 +74,19 @@ def main(argv: list[str]) -> int:
     ap.add_argument("small", type=Path)
     ap.add_argument("large", type=Path)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reference", type=Path, nargs=2, default=None,
+                    help="two runs of the reference model: then fit only the activation scale relative to it")
     args = ap.parse_args(argv)
     small, large = (json.loads(p.read_text()) for p in (args.small, args.large))
+    if args.reference:
+        ref = [json.loads(p.read_text()) for p in args.reference]
+        out = {**family_scale(small, large, *ref), "sources": [p.name for p in (args.small, args.large,
+                                                                                 *args.reference)]}
+        text = json.dumps(out, indent=1)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n", encoding="utf-8")
+        return 0
     out = {"model": small["model"], "device": small["env"]["device"], "sources": [args.small.name, args.large.name],
            "sides": [next(e["side"] for e in r["presets"].values() if "side" in e) for r in (small, large)],
            **fit(small, large)}

@@ -10,6 +10,7 @@ the first `warmup` ones (stage C also reports `decode_s`, the VAE decode after i
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import platform
@@ -101,21 +102,19 @@ def _side(components, resolution: int | None) -> int:
 
 def native_half(device: torch.device) -> bool:
     """Whether half precision runs at full speed: CUDA, or a CPU whose oneDNN has bf16 (AVX512-BF16 / AMX)."""
-    if device.type != "cpu":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    with contextlib.suppress(AttributeError, RuntimeError):
+        return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def effective_preset(preset: Preset, device: torch.device) -> tuple[Preset, dict[str, str]]:
-    """The preset as benchmarked here: on a CPU without native bf16 (convolutions ~150x slower than fp32 on an
-    AVX2-only EPYC) half-precision weights become fp32; every other knob stays. Returns the changes made."""
+    """The preset as benchmarked here: on a CPU without native bf16 (on an AVX2-only EPYC a bf16 convolution ran
+    ~150x slower than fp32 in an ad-hoc check) half-precision weights become fp32; every other knob stays.
+    Returns the changes made."""
     if preset.memory.weights == "fp32" or native_half(device):
         return preset, {}
-    memory = replace(preset.memory, weights="fp32")
-    return replace(preset, memory=memory), {"memory.weights": "fp32 (this CPU has no native bf16)"}
+    return replace(preset, memory=replace(preset.memory, weights="fp32")), {
+        "memory.weights": "fp32 (this CPU has no native bf16)"}
 
 
 def preset_of(entry: dict) -> Preset:
@@ -163,36 +162,30 @@ def projected_seconds(preset: Preset, entry: dict) -> dict[str, float | None]:
     """The whole run at the preset's real step counts: A and B steps, and every (eta, seed) image of stage C
     (steps + decode; batching is not credited). None where a stage did not fit."""
     stages = entry.get("stages", {})
-
-    def per(stage: str) -> float | None:
-        return stages.get(stage, {}).get("s_per_step")
-
-    out: dict[str, float | None] = {"encode": stages.get("encode", {}).get("wall_s")}
-    out["A"] = per("A") * preset.embed.steps if per("A") is not None else None
-    out["B"] = per("B") * preset.tune.steps if per("B") is not None else None
+    per = {s: stages.get(s, {}).get("s_per_step") for s in ("A", "B", "C")}
     images = len(preset.sample.etas) * len(preset.sample.seeds)
-    c = stages.get("C", {})
-    out["C"] = images * (per("C") * preset.sample.steps + c["decode_s"]) if per("C") is not None else None
+    out: dict[str, float | None] = {
+        "encode": stages.get("encode", {}).get("wall_s"),
+        "A": None if per["A"] is None else per["A"] * preset.embed.steps,
+        "B": None if per["B"] is None else per["B"] * preset.tune.steps,
+        "C": None if per["C"] is None else images * (per["C"] * preset.sample.steps + stages["C"]["decode_s"]),
+    }
     out["total"] = None if None in out.values() else sum(out.values())
     return out
 
 
 def add_ratios(result: dict) -> None:
     """Every figure as a ratio to `paper` (peak bytes, s/step, projected time); None where either side is missing."""
-    paper = result["presets"].get(PAPER)
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
+    paper = result["presets"].get(PAPER) or {}
+    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
     for entry in result["presets"].values():
         ratios: dict[str, Any] = {}
         for stage, rec in entry.get("stages", {}).items():
-            ref = (paper or {}).get("stages", {}).get(stage, {})
-            ok = rec.get("fit") and ref.get("fit")
-            ratios[stage] = {"peak": ratio(rec["peak_bytes"], ref.get("peak_bytes")) if ok else None,
-                             "s_per_step": ratio(rec.get("s_per_step"), ref.get("s_per_step")) if ok else None}
-        ref_total = (paper or {}).get("projected_s", {}).get("total")
-        ratios["projected_total"] = ratio(entry.get("projected_s", {}).get("total"), ref_total)
+            ref = paper.get("stages", {}).get(stage, {}) if rec.get("fit") else {}
+            ratios[stage] = {key: ratio(rec.get(k), ref.get(k)) if ref.get("fit") else None
+                             for key, k in (("peak", "peak_bytes"), ("s_per_step", "s_per_step"))}
+        ratios["projected_total"] = ratio(entry.get("projected_s", {}).get("total"),
+                                          paper.get("projected_s", {}).get("total"))
         entry["ratios"] = ratios
 
 
@@ -217,47 +210,34 @@ def environment(device: torch.device, command: str) -> dict[str, Any]:
 
     import psutil
 
-    def ver(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "bitsandbytes"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
     env: dict[str, Any] = {
         "device": device.type, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
         "python": platform.python_version(), "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
-        "ram_bytes": psutil.virtual_memory().total, "load_average": list(psutil.getloadavg()),
-        **{name: ver(name) for name in ("torch", "diffusers", "transformers", "peft", "bitsandbytes")},
+        "ram_bytes": psutil.virtual_memory().total, "load_average": list(psutil.getloadavg()), **versions,
     }
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
         free, total = torch.cuda.mem_get_info(device)
-        env.update(device_name=props.name, total_bytes=props.total_memory, cuda=torch.version.cuda,
-                   driver=_driver_version(), context_bytes=total - free - torch.cuda.memory_reserved(device))
+        env.update(device_name=torch.cuda.get_device_name(device), total_bytes=total, cuda=torch.version.cuda,
+                   driver=_command_line("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
+                   context_bytes=total - free - torch.cuda.memory_reserved(device))
     else:
-        env["device_name"] = _cpu_name()
+        env["device_name"] = _command_line("sh", "-c", "grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2") or "cpu"
     return env
 
 
-def _driver_version() -> str | None:
+def _command_line(*argv: str) -> str | None:
+    """The first line a command prints, or None when it cannot run."""
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.strip().splitlines()[0] if out.strip() else None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return out.splitlines()[0].strip() if out else None
 
 
 def _apply_cap(cap_gb: float | None, device: torch.device) -> dict[str, Any]:
@@ -286,10 +266,8 @@ def run_bench(model: str, presets: list[str], resolution: int | None, steps: int
     family = detect_family(resolve_model(model)).name
     loaded = [p.for_family(family) for p in loaded]  # e.g. the NF4 base some presets use for SDXL
     result: dict[str, Any] = {
-        "schema": SCHEMA, "model": model, "family": family, "resolution": resolution, "steps": steps,
-        "warmup": warmup,
-        "env": environment(device, command if command is not None else " ".join(sys.argv)), "presets": {},
-    }
+        "schema": SCHEMA, "model": model, "family": family, "resolution": resolution, "steps": steps, "warmup": warmup,
+        "env": environment(device, command if command is not None else " ".join(sys.argv)), "presets": {}}
     result.update(_apply_cap(cap_gb, device))
     try:
         for preset in loaded:
@@ -310,8 +288,7 @@ def results_name(result: dict) -> str:
     env = result["env"]
     where = env["device"] if env["device"] == "cpu" else "cuda-" + env.get("device_name", "gpu").split()[-1]
     arch = result["model"].removeprefix("arch:").replace("/", "_").replace(":", "_")
-    side = next((e["side"] for e in result["presets"].values() if "side" in e), result.get("resolution"))
-    size = f"-{side}px" if side else ""
+    size = f"-{side_of(result)}px" if side_of(result) else ""
     cap = f"-cap{result['cap_gb']:g}gb" if result.get("cap_gb") else ""
     stamp = env["date"][:19].replace(":", "").replace("-", "")
     return f"bench-{where.lower()}-{arch}{size}{cap}-{stamp}.json"
@@ -325,18 +302,16 @@ def write_results(result: dict, out_dir: str | Path) -> Path:
     return path
 
 
-def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f}"
-
-
-def _x(r: float | None) -> str:
-    return "-" if r is None else f"{r:.2f}x"
-
-
-def _s(s: float | None) -> str:
-    if s is None:
+def _fmt(value: float | None, kind: str) -> str:
+    """Table cells: GiB, a ratio, seconds or a signed percentage; '-' for a missing value."""
+    if value is None:
         return "-"
-    return f"{s:.2f}" if s < 100 else f"{s:.0f}"
+    return {"gib": f"{value / GiB:.2f}", "x": f"{value:.2f}x", "pct": f"{value:+.0%}",
+            "s": f"{value:.2f}" if value < 100 else f"{value:.0f}"}[kind]
+
+
+def side_of(result: dict) -> int | None:
+    return next((e["side"] for e in result["presets"].values() if "side" in e), result.get("resolution"))
 
 
 def render_table(result: dict) -> str:
@@ -344,9 +319,8 @@ def render_table(result: dict) -> str:
     env = result["env"]
     cpu = env["device"] == "cpu"
     what = "peak RSS of the process (CPU; not VRAM)" if cpu else "CUDA max_memory_allocated"
-    side = next((e["side"] for e in result["presets"].values() if "side" in e), result["resolution"])
     lines = [
-        f"### {result['model']} at {side} px on {env.get('device_name', env['device'])}"
+        f"### {result['model']} at {side_of(result)} px on {env.get('device_name', env['device'])}"
         + (f", capped at {result['cap_gb']:g} GiB" if result.get("cap_applied") else ""),
         "",
         f"{result['warmup']} warm-up + {result['steps']} timed steps per stage; memory = {what}; "
@@ -366,19 +340,16 @@ def render_table(result: dict) -> str:
             lines.append(f"| {name} | load | no | - | - | - | - | - | - | - |")
         for stage, rec in entry.get("stages", {}).items():
             ratio = entry.get("ratios", {}).get(stage, {})
-            err = rec.get("estimate_error")
-            run = f"{_s(total)} s ({_x(entry['ratios']['projected_total'])})" if stage == "C" and total else ""
-            lines.append(
-                f"| {name} | {stage} | {'yes' if rec['fit'] else 'no'} | {_gib(rec['peak_bytes'])} | "
-                f"{_x(ratio.get('peak'))} | {_gib(rec.get('estimate_bytes'))} | "
-                f"{'-' if err is None else f'{err:+.0%}'} | {_s(rec.get('s_per_step'))} | "
-                f"{_x(ratio.get('s_per_step'))} | {run} |"
-            )
-    sources = result.get("estimate_constants", {}).get("sources", {})
-    if sources:
-        calibrated = [k for k, v in sources.items() if v != "assumed"]
-        assumed = [k for k, v in sources.items() if v == "assumed"]
-        lines += ["", f"Estimate (imagic_lite.memory): {', '.join(calibrated)} calibrated from "
-                  f"{sources[calibrated[0]]}; {', '.join(assumed)} assumed. CUDA estimates exclude the context, "
-                  "to compare with the allocator's peak."]
+            run = f"{_fmt(total, 's')} s ({_fmt(entry['ratios']['projected_total'], 'x')})" if stage == "C" else ""
+            cells = [(rec["peak_bytes"], "gib"), (ratio.get("peak"), "x"), (rec.get("estimate_bytes"), "gib"),
+                     (rec.get("estimate_error"), "pct"), (rec.get("s_per_step"), "s"), (ratio.get("s_per_step"), "x")]
+            row = " | ".join(_fmt(v, kind) for v, kind in cells)
+            lines.append(f"| {name} | {stage} | {'yes' if rec['fit'] else 'no'} | {row} | {run} |")
+    by_source: dict[str, list[str]] = {}
+    for key, source in result.get("estimate_constants", {}).get("sources", {}).items():
+        by_source.setdefault(source, []).append(key)
+    if by_source:
+        said = "; ".join(f"{', '.join(keys)}: {src}" for src, keys in by_source.items())
+        lines += ["", f"Estimate constants (imagic_lite.memory) - {said}. On CUDA the estimate leaves out the "
+                  "context, to compare with the allocator's peak."]
     return "\n".join(lines) + "\n"

@@ -185,10 +185,12 @@ def arch_facts(model: str = "arch:sd15") -> ArchFacts:
 ACT_FP32 = {"A": 578_000, "B-lora": 744_000, "B-full": 425_000, "C": 452_000}
 CKPT_FACTOR = 0.40  # activation growth with / without gradient checkpointing (8gb vs cpu, both fp32). CALIBRATED.
 # Half-precision / fp32 activation bytes under autocast. ASSUMED: convolution and linear inputs are saved in half,
-# norms and softmax statistics stay fp32. Not measurable here (this CPU has no native bf16, convolutions ran ~150x
-# slower); benchmarks/gpu_check.sh measures it (12gb vs cpu preset, both without checkpointing).
+# norms and softmax statistics stay fp32. Not measurable here (this CPU has no native bf16: a bf16 convolution ran
+# ~150x slower than fp32 in an ad-hoc check); gpu_check.sh measures it (12gb vs cpu preset, no checkpointing).
 HALF_FACTOR = 0.65
-FAMILY_ACT_SCALE = {"sd": 1.0, "sdxl": 1.0}  # per latent pixel, relative to SD 1.5. ASSUMED (see gpu_check.sh).
+# Per latent pixel, relative to SD 1.5: the same slope method on SDXL (cpu preset, A/B/C ratios 1.65/1.83/1.60,
+# benchmarks/results/calibration-cpu-sdxl.json). CALIBRATED for sdxl; "sd" (SD 1.x/2.x) is SD 1.5 itself.
+FAMILY_ACT_SCALE = {"sd": 1.0, "sdxl": 1.69}
 CPU_OVERHEAD_BYTES = 728_000_000  # RSS beyond what the model parts explain: median over the same runs. CALIBRATED.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context and library workspaces, outside the allocator. ASSUMED.
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit Adam state for tensors smaller than this (its min_8bit_size)
@@ -196,7 +198,9 @@ BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit Adam state for tensors smaller 
 
 CALIBRATED_FROM = "SD 1.5 on this project's CPU at 128 and 256 px (benchmarks/results/calibration-cpu-sd15.json)"
 CONSTANT_SOURCES = {"ACT_FP32": CALIBRATED_FROM, "CKPT_FACTOR": CALIBRATED_FROM, "CPU_OVERHEAD_BYTES": CALIBRATED_FROM,
-                    "HALF_FACTOR": "assumed", "FAMILY_ACT_SCALE": "assumed", "CUDA_CONTEXT_BYTES": "assumed"}
+                    "FAMILY_ACT_SCALE": "SDXL vs SD 1.5 on the same CPU at 128 and 256 px "
+                                        "(benchmarks/results/calibration-cpu-sdxl.json)",
+                    "HALF_FACTOR": "assumed", "CUDA_CONTEXT_BYTES": "assumed"}
 
 
 def estimate_constants() -> dict[str, object]:
