@@ -4,6 +4,7 @@ Activation coefficients are slopes (peak difference / latent-pixel difference), 
 with the image (weights, optimizer state, the process itself) cancels; the CPU overhead is the median intercept.
 Usage: python benchmarks/calibrate.py SMALL.json LARGE.json [--out benchmarks/results/calibration-cpu-sd15.json]
        python benchmarks/calibrate.py SDXL_SMALL.json SDXL_LARGE.json --reference SD15_SMALL.json SD15_LARGE.json
+       python benchmarks/calibrate.py --single bench-cuda-...-sd15-512px-....json   (half/checkpointing factors)
 Presets used: paper (fp32, full), cpu (fp32, LoRA), 8gb (checkpointing), 12gb (half, where the CPU runs it).
 """
 
@@ -55,6 +56,31 @@ def family_scale(small: dict, large: dict, ref_small: dict, ref_large: dict) -> 
             ratios.items()}, "FAMILY_ACT_SCALE": round(statistics.mean(ratios.values()), 2)}
 
 
+def residual_factors(result: dict) -> dict:
+    """From one run (a GPU run at 512 px, say): each preset's measured activation bytes = peak - the estimate's
+    non-activation parts; then half/fp32 (12gb vs cpu) and checkpointing (8gb vs 12gb) factors, and the estimate's
+    activation coefficients scaled to this device (measured / estimated activations of the cpu preset)."""
+    from imagic_lite import memory
+    from imagic_lite.bench import preset_of
+
+    facts, device = memory.arch_facts(result["model"]), result["env"]["device"]
+    act = {}
+    for name, entry in result["presets"].items():
+        est = memory.estimate(preset_of(entry), facts, entry["side"], entry["side"], device=device)
+        for st in ("A", "B"):
+            rec = entry["stages"].get(st, {})
+            if rec.get("fit"):
+                fixed = est[st]["total"] - est[st]["activations"] - (est[st]["overhead"] if device == "cuda" else 0)
+                act[name, st] = (rec["peak_bytes"] - fixed, est[st]["activations"])
+    out: dict = {"activation_bytes": {f"{n}/{st}": v[0] for (n, st), v in act.items()}}
+    pairs = {"HALF_FACTOR": ("12gb", "cpu"), "CKPT_FACTOR": ("8gb", "12gb"), "ACT_SCALE_vs_estimate": ("cpu", None)}
+    for key, (a, b) in pairs.items():
+        if all((n, st) in act for n in filter(None, (a, b)) for st in ("A", "B")):
+            ratios = [act[a, st][0] / (act[b, st][0] if b else act[a, st][1]) for st in ("A", "B")]
+            out[key] = round(statistics.mean(ratios), 3)
+    return out
+
+
 def intercept(results: list[dict]) -> int:
     """Median of (measured peak - estimate without overhead) over every preset and stage: the process overhead."""
     from imagic_lite import memory
@@ -72,11 +98,16 @@ def intercept(results: list[dict]) -> int:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("small", type=Path)
-    ap.add_argument("large", type=Path)
+    ap.add_argument("large", type=Path, nargs="?")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--single", action="store_true",
+                    help="one run (SMALL only, LARGE ignored): residual half/checkpointing factors, e.g. on CUDA")
     ap.add_argument("--reference", type=Path, nargs=2, default=None,
                     help="two runs of the reference model: then fit only the activation scale relative to it")
     args = ap.parse_args(argv)
+    if args.single:
+        print(json.dumps(residual_factors(json.loads(args.small.read_text())), indent=1))
+        return 0
     small, large = (json.loads(p.read_text()) for p in (args.small, args.large))
     if args.reference:
         ref = [json.loads(p.read_text()) for p in args.reference]

@@ -6,17 +6,13 @@ cap. Example: python benchmarks/run_bench.py --model arch:sd15 --presets paper,c
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-# Shared CPUs: spinning OpenMP workers stall each other (10x slower steps under load); set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -125,6 +121,10 @@ def settled_by_uncapped(entry: dict, limit: int) -> dict | None:
 
 def fit_matrix(args: argparse.Namespace, argv: list[str], caps: list[float]) -> None:
     """The uncapped run, then per cap only the presets it cannot settle, run under the cap; writes fit-*.json."""
+    import torch
+
+    if not torch.cuda.is_available() or (args.device or "cuda").startswith("cpu"):
+        raise SystemExit("--fit-matrix needs CUDA: a cap limits the CUDA allocator (CPU peak RSS is not VRAM)")
     uncapped = run_once(args, argv, None, args.presets, not args.no_paper)
     files = [save(uncapped, args)]
     env = uncapped["env"]
@@ -145,10 +145,10 @@ def fit_matrix(args: argparse.Namespace, argv: list[str], caps: list[float]) -> 
                 failed = next((s for s, rec in records if not rec.get("fit", True)), None)
                 verdicts[name] = {"fit": failed is None, "source": "measured", "stage": failed}
         fit["caps"][f"{cap:g}"] = verdicts
-    arch = uncapped["model"].removeprefix("arch:").replace("/", "_").replace(":", "_")
-    stamp = env["date"][:19].replace(":", "").replace("-", "")
+    from imagic_lite.bench import results_name
+
     for folder in filter(None, (args.out, args.also_out)):
-        path = folder / f"fit-{arch}-{fit['side']}px-{stamp}.json"
+        path = folder / results_name(uncapped).replace("bench-", "fit-", 1)
         path.write_text(json.dumps(fit, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {path}", flush=True)
 
@@ -175,4 +175,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # Shared CPUs: spinning OpenMP workers stall each other (tiny-model steps ran 5-40x slower in an ad-hoc check
+    # under load); it must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.exit(main(sys.argv[1:]))

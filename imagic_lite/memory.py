@@ -188,8 +188,8 @@ CKPT_FACTOR = 0.40  # activation growth with / without gradient checkpointing (8
 # norms and softmax statistics stay fp32. Not measurable here (this CPU has no native bf16: a bf16 convolution ran
 # ~150x slower than fp32 in an ad-hoc check); gpu_check.sh measures it (12gb vs cpu preset, no checkpointing).
 HALF_FACTOR = 0.65
-# Per latent pixel, relative to SD 1.5: the same slope method on SDXL (cpu preset, A/B/C ratios 1.65/1.83/1.60,
-# benchmarks/results/calibration-cpu-sdxl.json). CALIBRATED for sdxl; "sd" (SD 1.x/2.x) is SD 1.5 itself.
+# Per latent pixel, relative to SD 1.5, by the same slope method (cpu preset): SDXL 1.69 (A/B/C 1.65/1.83/1.60),
+# SD 2.1 0.97, so the "sd" family keeps 1.0 (benchmarks/results/calibration-cpu-{sdxl,sd21}.json). CALIBRATED.
 FAMILY_ACT_SCALE = {"sd": 1.0, "sdxl": 1.69}
 CPU_OVERHEAD_BYTES = 728_000_000  # RSS beyond what the model parts explain: median over the same runs. CALIBRATED.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context and library workspaces, outside the allocator. ASSUMED.
@@ -198,8 +198,8 @@ BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit Adam state for tensors smaller 
 
 CALIBRATED_FROM = "SD 1.5 on this project's CPU at 128 and 256 px (benchmarks/results/calibration-cpu-sd15.json)"
 CONSTANT_SOURCES = {"ACT_FP32": CALIBRATED_FROM, "CKPT_FACTOR": CALIBRATED_FROM, "CPU_OVERHEAD_BYTES": CALIBRATED_FROM,
-                    "FAMILY_ACT_SCALE": "SDXL vs SD 1.5 on the same CPU at 128 and 256 px "
-                                        "(benchmarks/results/calibration-cpu-sdxl.json)",
+                    "FAMILY_ACT_SCALE": "SDXL and SD 2.1 vs SD 1.5 on the same CPU at 128 and 256 px "
+                                        "(benchmarks/results/calibration-cpu-{sdxl,sd21}.json)",
                     "HALF_FACTOR": "assumed", "CUDA_CONTEXT_BYTES": "assumed"}
 
 

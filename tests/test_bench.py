@@ -115,3 +115,26 @@ def test_half_precision_becomes_fp32_on_a_cpu_without_bf16(monkeypatch):
     monkeypatch.setattr(bench, "native_half", lambda device: True)
     assert bench.effective_preset(load_preset("4gb"), cpu)[1] == {}
     assert bench.preset_of(json.loads(json.dumps({"settings": preset.to_dict()}))) == preset
+
+
+def test_a_cap_verdict_from_the_uncapped_run():
+    """run_bench.py --fit-matrix only runs under a cap what the uncapped peaks cannot settle."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "run_bench.py"
+    spec = importlib.util.spec_from_file_location("run_bench_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    gib = 2**30
+
+    def entry(allocated: float, reserved: float, fit: bool = True) -> dict:
+        rec = {"fit": fit, "peak_bytes": int(allocated * gib), "reserved_bytes": int(reserved * gib)}
+        return {"load": {"fit": True, "peak_bytes": gib, "reserved_bytes": gib}, "stages": {"A": rec, "B": rec}}
+
+    limit = 8 * gib
+    assert script.settled_by_uncapped(entry(5, 6), limit) == {"fit": True, "source": "inferred", "stage": None}
+    assert script.settled_by_uncapped(entry(9, 10), limit)["fit"] is False  # live tensors above the limit
+    assert script.settled_by_uncapped(entry(7, 9), limit) is None  # only the cache is above it: measure
+    assert script.settled_by_uncapped(entry(1, 1, fit=False), limit) == {"fit": False, "source": "inferred",
+                                                                          "stage": "A"}
