@@ -193,6 +193,7 @@ HALF_FACTOR = 0.65
 FAMILY_ACT_SCALE = {"sd": 1.0, "sdxl": 1.69}
 CPU_OVERHEAD_BYTES = 728_000_000  # RSS beyond what the model parts explain: median over the same runs. CALIBRATED.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context and library workspaces, outside the allocator. ASSUMED.
+HEADROOM = 0.9  # use at most this share of a budget: allocator cache, fragmentation, estimate error. ASSUMED.
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit Adam state for tensors smaller than this (its min_8bit_size)
 
 
@@ -200,14 +201,14 @@ CALIBRATED_FROM = "SD 1.5 on this project's CPU at 128 and 256 px (benchmarks/re
 CONSTANT_SOURCES = {"ACT_FP32": CALIBRATED_FROM, "CKPT_FACTOR": CALIBRATED_FROM, "CPU_OVERHEAD_BYTES": CALIBRATED_FROM,
                     "FAMILY_ACT_SCALE": "SDXL and SD 2.1 vs SD 1.5 on the same CPU at 128 and 256 px "
                                         "(benchmarks/results/calibration-cpu-{sdxl,sd21}.json)",
-                    "HALF_FACTOR": "assumed", "CUDA_CONTEXT_BYTES": "assumed"}
+                    "HALF_FACTOR": "assumed", "CUDA_CONTEXT_BYTES": "assumed", "HEADROOM": "assumed"}
 
 
 def estimate_constants() -> dict[str, object]:
     """The estimate's constants and where each comes from, stored beside the estimates they produced."""
     return {"ACT_FP32": dict(ACT_FP32), "HALF_FACTOR": HALF_FACTOR, "CKPT_FACTOR": CKPT_FACTOR,
             "FAMILY_ACT_SCALE": dict(FAMILY_ACT_SCALE), "CPU_OVERHEAD_BYTES": CPU_OVERHEAD_BYTES,
-            "CUDA_CONTEXT_BYTES": CUDA_CONTEXT_BYTES, "sources": dict(CONSTANT_SOURCES)}
+            "CUDA_CONTEXT_BYTES": CUDA_CONTEXT_BYTES, "HEADROOM": HEADROOM, "sources": dict(CONSTANT_SOURCES)}
 
 
 def compute_bytes(preset: Preset) -> int:
@@ -303,17 +304,15 @@ def auto_vram() -> float | None:
 
 
 def choose_preset_for_budget(gb: float, facts: ArchFacts | None = None, resolution: int | None = None) -> Preset:
-    """The fastest card preset made for at most `gb` GiB whose estimated peak fits in `gb` (presets are ordered by
-    `vram_gb`: a larger card's preset trades memory for speed). The estimate only ever steps down from the preset
-    named by the card, e.g. for SDXL, or up to the smallest preset when the card is smaller than every `vram_gb`."""
+    """For `--vram auto`: the fastest card preset (largest `vram_gb`: a larger card's preset trades memory for speed)
+    whose estimated peak fits in `gb` GiB of free memory with HEADROOM to spare."""
     facts = facts or arch_facts("arch:sd15")
     size = resolution or facts.vae_sample_size
     cards = sorted((p.for_family(facts.family) for p in all_presets() if p.vram_gb is not None),
                    key=lambda p: p.vram_gb)
-    candidates = [p for p in cards if p.vram_gb <= gb] or cards[:1]
-    fitting = [p for p in candidates if peak_estimate(p, facts, size, size) <= gb * GiB]
+    fitting = [p for p in cards if peak_estimate(p, facts, size, size) <= gb * GiB * HEADROOM]
     if not fitting:
-        need = peak_estimate(cards[0], facts, size, size) / GiB
+        need = peak_estimate(cards[0], facts, size, size) / GiB / HEADROOM
         raise ConfigError(f"{gb:.1f} GB is below the estimated need of the smallest preset "
                           f"({cards[0].name}: {need:.1f} GB at {size} px); use --preset cpu or a smaller --resolution")
     return fitting[-1]

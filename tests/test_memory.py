@@ -98,11 +98,13 @@ def test_eight_bit_adam_state_only_for_large_tensors(sd15):
 
 def test_choose_preset_for_budget(sd15):
     assert memory.choose_preset_for_budget(80, sd15).name == "24gb"
-    assert memory.choose_preset_for_budget(4, sd15).name == "4gb"  # never a preset made for a larger card
-    assert memory.choose_preset_for_budget(3, sd15).name == "4gb"  # ...unless the estimate says it fits
+    for gb in (2.5, 4, 6, 8, 12, 24):
+        chosen = memory.choose_preset_for_budget(gb, sd15)
+        assert memory.peak_estimate(chosen, sd15, 512, 512) <= gb * GiB * memory.HEADROOM
+    picks = [memory.choose_preset_for_budget(gb, sd15).vram_gb for gb in (2.5, 4, 6, 8, 12, 24)]
+    assert picks == sorted(picks)  # more memory never gets a slower preset
     sdxl = memory.arch_facts("arch:sdxl")
-    assert memory.choose_preset_for_budget(12, sdxl, 1024).vram_gb <= 12  # may step down, never up
-    assert memory.choose_preset_for_budget(24, sdxl, 1024).vram_gb <= 24
+    assert memory.choose_preset_for_budget(12, sdxl, 1024).vram_gb < memory.choose_preset_for_budget(12, sd15).vram_gb
     with pytest.raises(ConfigError, match="smallest preset"):
         memory.choose_preset_for_budget(0.5, sd15)
 
