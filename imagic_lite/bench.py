@@ -14,6 +14,7 @@ import contextlib
 import gc
 import json
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -286,7 +287,8 @@ def run_bench(model: str, presets: list[str], resolution: int | None, steps: int
 
 def results_name(result: dict) -> str:
     env = result["env"]
-    where = env["device"] if env["device"] == "cpu" else "cuda-" + env.get("device_name", "gpu").split()[-1]
+    gpu = re.sub(r"[^a-z0-9]+", "-", env.get("device_name", "gpu").lower()).strip("-")
+    where = "cpu" if env["device"] == "cpu" else f"cuda-{gpu}"
     arch = result["model"].removeprefix("arch:").replace("/", "_").replace(":", "_")
     size = f"-{side_of(result)}px" if side_of(result) else ""
     cap = f"-cap{result['cap_gb']:g}gb" if result.get("cap_gb") else ""
