@@ -308,7 +308,11 @@ def load_components(model: str, memory: MemorySettings, device: torch.device) ->
     if memory.vae_slicing:
         vae.enable_slicing()
     if memory.vae_tiling:
+        # diffusers only tiles images larger than sample_size (512/768/1024), i.e. never at native resolution:
+        # halve the tile so the decode peak (SDXL's largest on small presets) really shrinks.
         vae.enable_tiling()
+        vae.tile_sample_min_size = int(vae.config.sample_size) // 2
+        vae.tile_latent_min_size = vae.tile_sample_min_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
     _set_attention(unet, memory.attention)
     if memory.checkpointing:

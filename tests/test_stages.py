@@ -179,3 +179,12 @@ def test_fingerprint_does_not_depend_on_load_dtype(tiny_models):
     fingerprints = {_load(tiny_models["sd"], weights=w).fingerprint for w in ("fp32", "bf16", "fp16")}
     assert len(fingerprints) == 1
     assert _load(tiny_models["sdxl"]).fingerprint not in fingerprints
+
+
+def test_vae_tiling_really_tiles_at_native_resolution(tiny_sd):
+    c = _load(tiny_sd, vae_tiling=True)
+    assert c.vae.use_tiling and c.vae.tile_sample_min_size < c.native
+    from imagic_lite.models import decode
+
+    images = decode(c, torch.randn(1, 4, 32, 32))
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
