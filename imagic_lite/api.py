@@ -101,11 +101,13 @@ class StageRecord:
     loss_last: float | None = None
 
 
-def run_key(pixels: torch.Tensor, prompt: str, fingerprint: str, preset: Preset, seed: int) -> str:
+def run_key(pixels: torch.Tensor, prompt: str, fingerprint: str, preset: Preset, seed: int,
+            original: tuple[int, int] | None = None) -> str:
     """Identity of a run, so --resume refuses a checkpoint from a different one (sample settings excluded)."""
     digest = hashlib.sha256(pixels.numpy().tobytes())
     settings = {k: v for k, v in preset.to_dict().items() if k not in ("sample", "name", "description")}
-    digest.update(json.dumps([prompt, fingerprint, settings, seed], sort_keys=True, default=str).encode())
+    identity = [prompt, fingerprint, settings, seed] + ([list(original)] if original else [])
+    digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
 
@@ -165,9 +167,10 @@ class Imagic:
             loaded = load_image(image)
             self.notes += list(loaded.notes)
             image = loaded.image
+        original = (image.height, image.width)  # after EXIF orientation; SDXL's time ids are told this size
         fitted = prepare(image, c.native, c.multiple)
         pixels = to_tensor(fitted)
-        key = run_key(pixels, prompt, c.fingerprint, p, seed)
+        key = run_key(pixels, prompt, c.fingerprint, p, seed, original)
         state, e_opt = (None, None)
         if resume and checkpoint is not None and checkpoint.is_file():
             state, e_opt = load_checkpoint(checkpoint, key)
@@ -191,11 +194,12 @@ class Imagic:
         if state is None or state.stage == "A":
             e_opt, losses_a = self._stage("A", p.embed.steps, lambda: guarded(lambda: optimize_embedding(
                 c, encoded.latent, encoded.e_tgt, p.embed, seed=seed, progress=progress, stop=stop,
-                resume=state), None))
+                resume=state, original=original), None))
             state = None
         self.records[-1].loss_first, self.records[-1].loss_last = _ends(losses_a)
         weights, losses_b = self._stage("B", p.tune.steps, lambda: guarded(lambda: finetune(
-            c, encoded.latent, e_opt, p.tune, seed=seed, progress=progress, stop=stop, resume=state), e_opt))
+            c, encoded.latent, e_opt, p.tune, seed=seed, progress=progress, stop=stop, resume=state,
+            original=original), e_opt))
         self.records[-1].loss_first, self.records[-1].loss_last = _ends(losses_b)
 
         from .lora import lora_config
@@ -206,7 +210,7 @@ class Imagic:
             "prediction_type": c.prediction_type, "height": str(height), "width": str(width), "prompt": prompt,
             "preset": p.name, "settings": json.dumps(asdict(p), default=str), "tune_mode": p.tune.mode,
             "versions": json.dumps(versions()), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seed": str(seed),
+            "seed": str(seed), "original_height": str(original[0]), "original_width": str(original[1]),
         }
         bundle = Bundle(e_tgt=encoded.e_tgt, e_opt=e_opt, weights=weights, mode=p.tune.mode,
                         lora=lora_config(p.tune) if p.tune.mode == "lora" else None, meta=meta,
@@ -220,7 +224,7 @@ class Imagic:
     def generate(self, bundle=None, *, sample: SampleSettings | None = None, progress: Progress = _no_progress,
                  stop: StopFlag | None = None) -> list[Sample]:
         """Stage C for `bundle` (default: the one `fit` produced) with the preset's or the given sample settings."""
-        from .bundle import apply_bundle
+        from .bundle import apply_bundle, bundle_original_size
 
         c = self.components
         bundle = bundle if bundle is not None else self._applied
@@ -234,8 +238,10 @@ class Imagic:
             self._uncond = encode_text(c, "")[0]
         settings = sample or self.preset.sample
         height, width = int(bundle.meta["height"]), int(bundle.meta["width"])
+        original = bundle_original_size(bundle.meta)
         return self._stage("C", settings.steps * len(settings.etas) * len(settings.seeds), lambda: generate(
-            c, bundle.e_tgt, bundle.e_opt, self._uncond, settings, height, width, progress=progress, stop=stop))
+            c, bundle.e_tgt, bundle.e_opt, self._uncond, settings, height, width, progress=progress, stop=stop,
+            original=original))
 
     def report(self) -> dict[str, Any]:
         """What run.json records: settings, versions, device, and per stage seconds and peak memory."""

@@ -41,6 +41,7 @@ _PATH = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"  # a dotted module path; dots delim
 LORA_NAME = re.compile(rf"unet\.({_PATH})\.lora_([AB])\.weight")
 FULL_NAME = re.compile(rf"unet_full\.({_PATH})")
 SIDE = re.compile(r"[1-9][0-9]{0,4}")
+MAX_ORIGINAL_SIDE = 99_999  # the photo before resizing (SDXL time ids); 40 MP allows long thin panoramas
 
 
 @dataclass
@@ -181,6 +182,11 @@ def _check_meta(meta: dict[str, str]) -> tuple[str, str, dict | None]:
     for key in ("height", "width"):
         if not SIDE.fullmatch(meta[key]) or int(meta[key]) > MAX_SIDE:
             raise BundleError(f"metadata {key} must be a whole number of pixels 1..{MAX_SIDE}")
+    for key in ("original_height", "original_width"):  # optional: bundles before SDXL time ids lack them
+        if key in meta and not SIDE.fullmatch(meta[key]):
+            raise BundleError(f"metadata {key} must be a whole number of pixels 1..{MAX_ORIGINAL_SIDE}")
+    if ("original_height" in meta) != ("original_width" in meta):
+        raise BundleError("metadata has only one of original_height / original_width")
     if len(meta["prompt"]) > MAX_PROMPT:
         raise BundleError(f"the prompt in the bundle is longer than {MAX_PROMPT} characters")
     try:
@@ -440,6 +446,13 @@ def check_compatible(bundle: Bundle, c: Components, *, force: bool = False) -> l
     return soft
 
 
+def bundle_original_size(meta: dict[str, str]) -> tuple[int, int] | None:
+    """The photo's size before resizing (height, width), which SDXL's time ids condition on; None if not stored."""
+    if "original_height" not in meta:
+        return None
+    return int(meta["original_height"]), int(meta["original_width"])
+
+
 def apply_bundle(bundle: Bundle, c: Components) -> None:
     """Put the bundle's weights, rounded to fp16 exactly as stored, into `c.unet` (so re-editing reproduces)."""
     from .lora import has_lora, load_lora
@@ -489,7 +502,8 @@ def _shareable(meta: dict[str, str]) -> dict[str, str]:
     """The metadata an export may carry: a hub id stays, a local model path shrinks to its folder name."""
     model = meta.get("base_model", "")
     local = model.startswith(("/", "~", ".", "\\")) or ":" in model or model.count("/") != 1
-    keep = {k: meta[k] for k in ("prompt", "height", "width", "created", "prediction_type", "family") if k in meta}
+    names = ("prompt", "height", "width", "original_height", "original_width", "created", "prediction_type", "family")
+    keep = {k: meta[k] for k in names if k in meta}
     return keep | {"base_model": Path(model).name if local else model}
 
 
@@ -525,6 +539,8 @@ def _write_readme(bundle: Bundle, tmp: Path) -> None:
     negatives = "neg, _, neg_pooled, _" if sdxl else "neg, _"
     pooled = ('    pooled_prompt_embeds=eta * emb["e_tgt_pooled"] + (1 - eta) * emb["pooled_prompt_embeds"],\n'
               "    negative_pooled_prompt_embeds=neg_pooled,\n") if sdxl else ""
+    if sdxl and "original_height" in meta:  # the time ids stages A and B were trained with
+        pooled += f"    original_size=({meta['original_height']}, {meta['original_width']}),\n"
     tmp.write_text(f"""# Imagic edit exported by imagic-lite
 
 Base model `{meta.get('base_model')}`, {meta.get('width')}x{meta.get('height')} px, prompt {meta.get('prompt')!r}.

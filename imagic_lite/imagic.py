@@ -65,7 +65,8 @@ class StopFlag:
                 signal.signal(s, handler)
 
 
-def denoising_loss(c: Components, latent: torch.Tensor, cond: Cond, generator: torch.Generator, draws: int = 1):
+def denoising_loss(c: Components, latent: torch.Tensor, cond: Cond, generator: torch.Generator, draws: int = 1,
+                   original: tuple[int, int] | None = None):
     """The paper's eq. (2): E_{t,noise} || f(x_t, t, e) - target ||^2 on the input's cached latent.
 
     Every constant comes from the components: timestep count and prediction type from the scheduler
@@ -85,7 +86,7 @@ def denoising_loss(c: Components, latent: torch.Tensor, cond: Cond, generator: t
         raise ConfigError(f"unsupported prediction type {c.prediction_type!r}")
     height, width = latent.shape[-2] * c.vae_scale, latent.shape[-1] * c.vae_scale
     with c.autocast():
-        pred = c.unet(noisy, t, **unet_kwargs(c, cond.repeat(draws), height, width)).sample
+        pred = c.unet(noisy, t, **unet_kwargs(c, cond.repeat(draws), height, width, original)).sample
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -158,7 +159,8 @@ def _train_loop(stage: str, c: Components, params: dict[str, torch.nn.Parameter]
 
 def optimize_embedding(c: Components, latent: torch.Tensor, e_tgt: Cond, settings: EmbedSettings, *,
                        seed: int = 0, progress: Progress = _no_progress, stop: StopFlag | None = None,
-                       resume: StageState | None = None) -> tuple[Cond, list[float]]:
+                       resume: StageState | None = None,
+                       original: tuple[int, int] | None = None) -> tuple[Cond, list[float]]:
     """Stage A: e_opt = argmin_e L(x, e) starting from e_tgt, with the UNet frozen (paper eq. 2)."""
     c.unet.requires_grad_(False)  # a public port forgot this and carried 3.4 GB of useless weight gradients
     c.unet.train()  # diffusers only checkpoints in train mode; the UNet has no dropout to worry about
@@ -170,7 +172,7 @@ def optimize_embedding(c: Components, latent: torch.Tensor, e_tgt: Cond, setting
 
     def loss_fn() -> torch.Tensor:
         return denoising_loss(c, latent, Cond(params["embeds"], params.get("pooled")), generator,
-                              settings.noise_draws)
+                              settings.noise_draws, original)
 
     losses = _train_loop("A", c, params, optimizer, loss_fn, settings.steps, generator, progress, stop, resume)
     c.unet.eval()
@@ -179,8 +181,8 @@ def optimize_embedding(c: Components, latent: torch.Tensor, e_tgt: Cond, setting
 
 
 def finetune(c: Components, latent: torch.Tensor, e_opt: Cond, settings: TuneSettings, *, seed: int = 0,
-             progress: Progress = _no_progress, stop: StopFlag | None = None,
-             resume: StageState | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+             progress: Progress = _no_progress, stop: StopFlag | None = None, resume: StageState | None = None,
+             original: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Stage B: fit the denoiser to the input with e_opt fixed; returns the trained weights (LoRA or full UNet)."""
     if settings.mode == "lora":
         add_lora(c.unet, lora_config(settings), seed=seed)
@@ -197,7 +199,7 @@ def finetune(c: Components, latent: torch.Tensor, e_opt: Cond, settings: TuneSet
     cond = e_opt.to(c.device)
 
     def loss_fn() -> torch.Tensor:
-        return denoising_loss(c, latent, cond, generator, settings.noise_draws)
+        return denoising_loss(c, latent, cond, generator, settings.noise_draws, original)
 
     losses = _train_loop("B", c, named, optimizer, loss_fn, settings.steps, generator, progress, stop, resume)
     c.unet.eval()
@@ -217,7 +219,8 @@ class Sample:
 
 @torch.no_grad()
 def generate(c: Components, e_tgt: Cond, e_opt: Cond, uncond: Cond, settings: SampleSettings, height: int,
-             width: int, *, progress: Progress = _no_progress, stop: StopFlag | None = None) -> list[Sample]:
+             width: int, *, progress: Progress = _no_progress, stop: StopFlag | None = None,
+             original: tuple[int, int] | None = None) -> list[Sample]:
     """Stage C: DDIM from e = eta*e_tgt + (1-eta)*e_opt with classifier-free guidance, for every (eta, seed).
 
     Each image's starting noise comes from its own seeded CPU generator, so an image does not depend on what
@@ -241,7 +244,7 @@ def generate(c: Components, e_tgt: Cond, e_opt: Cond, uncond: Cond, settings: Sa
             latents = (latents * scheduler.init_noise_sigma).to(c.device)
             cond = Cond.cat([e_tgt.lerp(e_opt, eta) for eta, _ in batch])
             both = Cond.cat([uncond.repeat(n), cond]).to(c.device)
-            kwargs = unet_kwargs(c, both, height, width)
+            kwargs = unet_kwargs(c, both, height, width, original)
             for t in scheduler.timesteps:
                 if stop is not None and stop.is_set():
                     raise Interrupted("stopped while sampling; the bundle is saved, rerun `imagic-lite edit` on it")

@@ -399,12 +399,18 @@ def _encode_sdxl(c: Components, prompt: str) -> tuple[Cond, str]:
 ENCODERS: dict[str, Callable[[Components, str], tuple[Cond, str]]] = {"sd": _encode_sd, "sdxl": _encode_sdxl}
 
 
-def unet_kwargs(c: Components, cond: Cond, height: int, width: int) -> dict:
-    """Keyword arguments for one UNet call; SDXL adds pooled text and size/crop time ids (input size, no crop)."""
+def unet_kwargs(c: Components, cond: Cond, height: int, width: int,
+                original: tuple[int, int] | None = None) -> dict:
+    """Keyword arguments for one UNet call; SDXL adds pooled text and the size/crop time ids.
+
+    SDXL was trained knowing each photo's size before resizing (`original`, height x width) and its crop: we never
+    crop, so the crop is (0, 0), and the original size is the photo's own, as the issue and SDXL's paper ask. Without
+    it (None) the working size stands in, which tells SDXL the photo was small."""
     kwargs = {"encoder_hidden_states": cond.embeds}
     if c.family.pooled:
         n = cond.embeds.shape[0]
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.embeds.dtype)
+        orig_h, orig_w = original or (height, width)
+        time_ids = torch.tensor([[orig_h, orig_w, 0, 0, height, width]], dtype=cond.embeds.dtype)
         kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(n, 1).to(c.device)}
     return kwargs
 

@@ -283,6 +283,8 @@ def test_other_families_run_and_edit_reproduces(tiny_models, photo, tmp_path, ca
     info = json.loads(stdout)
     assert info["metadata"]["family"] == ("sdxl" if kind == "sdxl" else "sd")
     assert ("e_opt_pooled" in json.dumps(info)) == (kind == "sdxl")
+    # the photo's own size before resizing (96x72), which SDXL's time ids are given; `edit` reads it back below
+    assert (info["metadata"]["original_height"], info["metadata"]["original_width"]) == ("72", "96")
     code, _, err = invoke(capsys, "edit", bundle, "--model", tiny_models[kind], "--out", tmp_path / "e", "--quiet")
     assert code == 0, err
     name = "photo_eta0.80_seed0.png"

@@ -16,7 +16,7 @@ from imagic_lite.imagic import (
     optimize_embedding,
 )
 from imagic_lite.lora import has_lora
-from imagic_lite.models import Cond, encode, load_components
+from imagic_lite.models import Cond, encode, load_components, unet_kwargs
 
 CPU = torch.device("cpu")
 
@@ -53,6 +53,18 @@ def test_stage_a_lowers_loss_and_leaves_unet_untouched(tiny_models, kind):
     after = c.unet.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items()), "stage A must not change the UNet"
     assert all(p.grad is None for p in c.unet.parameters())
+
+
+def test_sdxl_time_ids_carry_the_photos_original_size(tiny_models):
+    c = _load(tiny_models["sdxl"])
+    enc = encode(c, _pixels(), "a red disc")
+    ids = unet_kwargs(c, enc.e_tgt, 64, 64, original=(3024, 4032))["added_cond_kwargs"]["time_ids"]
+    assert ids.tolist() == [[3024, 4032, 0, 0, 64, 64]]  # original size, crop (0, 0) as we never crop, target size
+    assert unet_kwargs(c, enc.e_tgt, 64, 48)["added_cond_kwargs"]["time_ids"].tolist() == [[64, 48, 0, 0, 64, 48]]
+    # the UNet really conditions on it: same draws, different original size, different loss
+    small, big = (denoising_loss(c, enc.latent, enc.e_tgt, torch.Generator().manual_seed(0), 2, original=size).item()
+                  for size in (None, (3024, 4032)))
+    assert small != big
 
 
 @pytest.mark.parametrize("kind", ["sd", "sd-v", "sdxl"])

@@ -56,15 +56,19 @@ class Config:
     dataset_size: int = 12000
     checkpoint_every: int = 250
     probe_every: int = 500
-    # Stable Diffusion's schedule, which the shipped model uses. It leaves 0.068 of the signal at t=999, enough on a
-    # 16x16 latent for the model to read layout and background off the noise instead of the caption: position and
-    # background words are not learned. A fine-tune to DDPM's linear schedule (0.0064 left) with epsilon prediction
-    # broke colour instead (x0 estimates blow up at that SNR); v-prediction with zero terminal SNR is the next try.
+    # Stable Diffusion's schedule leaves 0.068 of the signal at t=999, enough on a 16x16 latent for the model to read
+    # layout and background off the noise instead of the caption: position and background words are not learned
+    # (model-2000p: position 0.17). A fine-tune to DDPM's linear schedule (0.0064 left) with epsilon prediction broke
+    # colour instead (x0 estimates blow up at that SNR). So: zero terminal SNR (Lin et al. 2024), which forces the
+    # model to take layout from the caption at t=T, with v-prediction (epsilon is undefined there) and trailing
+    # spacing so sampling starts at t=T.
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    timestep_spacing: str = "leading"
+    timestep_spacing: str = "trailing"
     train_timesteps: int = 1000
+    prediction_type: str = "v_prediction"
+    rescale_betas_zero_snr: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------------- tokenizer
@@ -172,7 +176,8 @@ def make_scheduler(cfg: Config):
     return DDIMScheduler(
         num_train_timesteps=cfg.train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
         beta_schedule=cfg.beta_schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-        timestep_spacing=cfg.timestep_spacing, prediction_type="epsilon",
+        timestep_spacing=cfg.timestep_spacing, prediction_type=cfg.prediction_type,
+        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
     )
 
 
@@ -368,7 +373,7 @@ def probe_accuracy(pipe, seed: int, steps: int = 25, guidance: float = 6.0) -> d
 
 def train_unet(cfg: Config, work: Path, vae, latents: torch.Tensor, scenes: list[world.Scene], scaling: float,
                log: Logger, init_from: Path | None = None):
-    """Joint UNet + text-encoder training (epsilon prediction, classifier-free dropout); returns the EMA models."""
+    """Joint UNet + text-encoder training (epsilon or v target, classifier-free dropout); returns the EMA models."""
     tokenizer = load_tokenizer()
     scheduler = make_scheduler(cfg)
     torch.manual_seed(cfg.seed)
@@ -413,7 +418,8 @@ def train_unet(cfg: Config, work: Path, vae, latents: torch.Tensor, scenes: list
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = F.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -495,7 +501,9 @@ def main(argv: list[str] | None = None) -> None:
     if work.exists() and any(work.iterdir()) and not args.resume:
         parser.error(f"{work} is not empty: pass --resume to continue it, or choose another --work")
     work.mkdir(parents=True, exist_ok=True)
-    cfg = Config(**json.loads(config_path.read_text())) if config_path.exists() else Config()
+    # Work folders written before the schedule fields existed trained epsilon on SD's schedule: keep that on resume.
+    legacy = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
+    cfg = Config(**{**legacy, **json.loads(config_path.read_text())}) if config_path.exists() else Config()
     overrides = {"steps": args.steps, "lr": args.lr, "vae_steps": args.vae_steps, "decoder_steps": args.decoder_steps,
                  "dataset_size": args.dataset_size}
     for key, value in overrides.items():
