@@ -569,8 +569,9 @@ In ComfyUI the mix is the `Conditioning (Average)` node (strength eta on e_tgt).
 def _write_kohya(bundle: Bundle, tmp: Path, name: str) -> None:
     """kohya/A1111/ComfyUI layout through diffusers' converter, with the real alpha (the converter writes alpha = r).
 
-    SDXL: diffusers converts SGM -> diffusers paths on load but has no converter the other way, so SDXL files keep
-    diffusers-path keys (`lora_unet_down_blocks_…`); diffusers and ComfyUI map those, A1111 may not."""
+    sd-scripts trains SD 1.x/2.x on diffusers' UNet (so those keys keep diffusers paths) but SDXL on SGM's UNet, so
+    SDXL keys are renamed to SGM blocks (`lora_unet_input_blocks_4_1_…`), which A1111 and Forge expect; diffusers
+    has no converter that way round, only the reverse, which the tests use to check ours."""
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
@@ -578,10 +579,69 @@ def _write_kohya(bundle: Bundle, tmp: Path, name: str) -> None:
                                          for k, v in bundle.weights.items()})
     alpha = float(bundle.lora["lora_alpha"])
     state = {k: torch.tensor(alpha, dtype=torch.float32) if k.endswith(".alpha") else v for k, v in state.items()}
-    save_file(state, str(tmp), metadata=_kohya_meta(bundle, name))
+    sgm = bundle.meta.get("family") == "sdxl" and _to_sgm(state)
+    save_file(sgm or state, str(tmp), metadata=_kohya_meta(bundle, name, sgm=bool(sgm)))
 
 
-def _kohya_meta(bundle: Bundle, name: str) -> dict[str, str]:
+# SDXL's UNet in SGM's numbering (2 layers per block; input_blocks.0 is conv_in; a block with attention holds its
+# resnet at .0 and transformer at .1, an up block's upsampler sits after them at .2; middle_block.0/1/2 is resnet,
+# transformer, resnet): diffusers module -> SGM module.
+_SGM_LAYERS = 2
+_SGM_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
+               "conv_shortcut": "skip_connection"}
+_SGM_FIXED = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "time_embedding_linear_1": "time_embed_0",
+              "time_embedding_linear_2": "time_embed_2", "add_embedding_linear_1": "label_emb_0_0",
+              "add_embedding_linear_2": "label_emb_0_2"}
+_DIFFUSERS_MODULE = re.compile(
+    r"(?P<where>down_blocks|up_blocks)_(?P<block>\d+)_(?P<kind>resnets|attentions|downsamplers|upsamplers)_"
+    r"(?P<layer>\d+)_(?P<rest>.+)|mid_block_(?P<mid_kind>resnets|attentions)_(?P<mid_layer>\d+)_(?P<mid_rest>.+)")
+
+
+def _sgm_module(module: str) -> str | None:
+    """`down_blocks_1_attentions_0_proj_in` -> `input_blocks_4_1_proj_in`; None for a module SGM lays out otherwise."""
+    if module in _SGM_FIXED:
+        return _SGM_FIXED[module]
+    match = _DIFFUSERS_MODULE.fullmatch(module)
+    if match is None:
+        return None
+    if match["mid_kind"]:
+        kind, layer, rest = match["mid_kind"], int(match["mid_layer"]), match["mid_rest"]
+        index = 1 if kind == "attentions" else 2 * layer
+        slot = None  # middle_block is one sequence (resnet, transformer, resnet): no inner slot
+    else:
+        kind, layer, rest, block = match["kind"], int(match["layer"]), match["rest"], int(match["block"])
+        down = match["where"] == "down_blocks"
+        if kind in ("downsamplers", "upsamplers"):
+            if rest != "conv" or layer != 0:
+                return None
+            index = 1 + block * (_SGM_LAYERS + 1) + _SGM_LAYERS if down else block * (_SGM_LAYERS + 1) + _SGM_LAYERS
+            return f"{'input' if down else 'output'}_blocks_{index}_{'0_op' if down else '2_conv'}"
+        if layer > _SGM_LAYERS - down:  # more layers than SDXL's blocks have: not an SDXL base UNet
+            return None
+        index = 1 + block * (_SGM_LAYERS + 1) + layer if down else block * (_SGM_LAYERS + 1) + layer
+        slot = "1" if kind == "attentions" else "0"
+    if kind == "resnets":
+        if rest not in _SGM_RESNET:
+            return None
+        rest = _SGM_RESNET[rest]
+    where = "middle_block" if match["mid_kind"] else ("input_blocks" if match["where"] == "down_blocks"
+                                                       else "output_blocks")
+    return f"{where}_{index}_{rest}" if slot is None else f"{where}_{index}_{slot}_{rest}"
+
+
+def _to_sgm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Kohya keys in SGM numbering, or None when any module has no SGM name (a loader drops mixed files' SGM keys)."""
+    renamed = {}
+    for key, value in state.items():
+        module, _, suffix = key.partition(".")
+        sgm = _sgm_module(module.removeprefix("lora_unet_"))
+        if sgm is None:
+            return None
+        renamed[f"lora_unet_{sgm}.{suffix}"] = value
+    return renamed
+
+
+def _kohya_meta(bundle: Bundle, name: str, sgm: bool = False) -> dict[str, str]:
     """sd-scripts' `ss_*` keys and ModelSpec 1.0.1's required `modelspec.*` keys (all strings)."""
     meta, lora = _shareable(bundle.meta), bundle.lora
     v_pred = meta.get("prediction_type") == "v_prediction"
@@ -593,7 +653,8 @@ def _kohya_meta(bundle: Bundle, name: str) -> dict[str, str]:
         arch, base = "stable-diffusion-v1", "sd_v1"
     return {
         "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "diffusers",  # the key paths are diffusers module paths
+        # the key paths: SGM's UNet for SDXL as sd-scripts writes it, otherwise diffusers module paths
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sgm else "diffusers",
         "modelspec.title": name, "modelspec.resolution": f"{meta.get('width')}x{meta.get('height')}",
         "modelspec.prediction_type": "v" if v_pred else "epsilon", "modelspec.date": meta.get("created", ""),
         "modelspec.description": f"Imagic edit LoRA for the prompt {meta.get('prompt', '')!r}; use it with the "

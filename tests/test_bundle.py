@@ -37,7 +37,7 @@ def models(tiny_models):
     return {kind: load_components(str(path), memory, torch.device("cpu")) for kind, path in tiny_models.items()}
 
 
-def make_bundle(c, mode: str = "lora", seed: int = 0) -> Bundle:
+def make_bundle(c, mode: str = "lora", seed: int = 0, lora: dict | None = None) -> Bundle:
     """A bundle for `c` with random, non-zero weights (a zero lora_B would make every comparison vacuous)."""
     from PIL import Image
 
@@ -49,14 +49,15 @@ def make_bundle(c, mode: str = "lora", seed: int = 0) -> Bundle:
         embeds = torch.randn(1, 77, dim, generator=g)
         return Cond(embeds, None if pooled is None else torch.randn(1, pooled, generator=g))
 
+    lora = lora or LORA
     if mode == "lora":
-        weights = {k: 0.1 * torch.randn(s, generator=g) for k, s in sorted(lora_shapes(c.unet, LORA).items())}
+        weights = {k: 0.1 * torch.randn(s, generator=g) for k, s in sorted(lora_shapes(c.unet, lora).items())}
     else:
         weights = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in c.unet.state_dict().items()}
     meta = {"base_model": c.model_id, "unet_fingerprint": c.fingerprint, "family": c.family.name,
             "prediction_type": c.prediction_type, "height": "64", "width": "64", "prompt": "a dog lying down",
             "preset": "cpu", "settings": json.dumps({"embed": {"steps": 1}}), "tune_mode": mode, "seed": "0"}
-    return Bundle(cond(), cond(), weights, mode, dict(LORA) if mode == "lora" else None, meta,
+    return Bundle(cond(), cond(), weights, mode, dict(lora) if mode == "lora" else None, meta,
                   Image.new("RGB", (300, 200), (200, 30, 30)))
 
 
@@ -464,10 +465,34 @@ def test_export_diffusers_and_kohya_load_in_diffusers(models, tiny_models, tmp_p
     torch.testing.assert_close(unet_out(kohya_pipe.unet, bundle.e_opt), via_diffusers, rtol=1e-4, atol=1e-5)
 
 
-def test_export_sdxl_kohya_matches_diffusers_export(models, tiny_models, tmp_path):
-    bundle = make_bundle(models["sdxl"], seed=4)
+# Every module kind SGM numbers differently: attention in down/mid/up blocks, resnet convs, time projection,
+# shortcut, down/upsampler convs, conv_in/out, the time and added-condition MLPs.
+SGM_LORA = {"r": 4, "lora_alpha": 2.0, "target_modules": [
+    "to_q", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv", "conv_in",
+    "conv_out", "time_embedding.linear_1", "add_embedding.linear_2"]}
+
+
+@pytest.mark.parametrize("lora", [LORA, SGM_LORA], ids=["attention", "every-module-kind"])
+def test_export_sdxl_kohya_matches_diffusers_export(models, tiny_models, tmp_path, lora):
+    from safetensors import safe_open
+
+    bundle = make_bundle(models["sdxl"], seed=4, lora=lora)
     export(bundle, "diffusers", tmp_path / "d")
     (kohya,) = export(bundle, "kohya", tmp_path / "k")
+    with safe_open(kohya, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    # SGM numbering as sd-scripts writes SDXL LoRAs (what A1111/Forge read), checked against diffusers' reverse map
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
+                             "lora_unet_out_2", "lora_unet_time_embed_", "lora_unet_label_emb_")) for k in keys)
+    assert len(keys) == len(bundle.weights) * 3 // 2
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    if lora is SGM_LORA:
+        expected = {"input_blocks_0_0", "input_blocks_1_0_in_layers_2", "input_blocks_3_0_op",
+                    "input_blocks_4_1_proj_in", "input_blocks_4_0_skip_connection", "input_blocks_5_0_emb_layers_1",
+                    "middle_block_1_transformer_blocks_0_attn1_to_q", "middle_block_2_out_layers_3",
+                    "output_blocks_2_2_conv", "output_blocks_0_1_transformer_blocks_0_ff_net_2", "out_2",
+                    "time_embed_0", "label_emb_0_2"}
+        assert {f"lora_unet_{e}.alpha" for e in expected} <= keys
     outs = []
     for folder, name in ((tmp_path / "d", None), (tmp_path / "k", kohya.name)):
         pipe = _pipeline(tiny_models["sdxl"], sdxl=True)
