@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"the quickstart failed ({timed.returncode}):\n{timed.stderr[-3000:]}")
         run_json = json.loads((out_dir / "run.json").read_text())
         readings = read_outputs(run_json)
+        grid = args.out.with_name(args.out.stem + "-grid.png")  # the picture the README shows
+        grids = sorted(out_dir.glob("*_grid.png"))
+        if grids:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grids[0], grid)
     import torch
 
     result = {
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": run_json["preset"],
         "notes": run_json["notes"],
         "readings": readings,
+        "grid": grid.name if grids else None,
         "edited_at_etas": [r["eta"] for r in readings if r["colour_changed"] and r["rest_kept"]],
         "device": run_json["device"] | {"cpu_count": os.cpu_count(), "processor": platform.processor()},
         "versions": run_json["versions"] | {"python": platform.python_version(), "torch_threads_here":
