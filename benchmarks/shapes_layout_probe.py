@@ -70,15 +70,21 @@ def probe(pipe, renders: int, draws: int, steps: int, seed: int) -> dict:
         for _ in range(renders):
             thing = world._random_thing(rng, position)
             jittered.append(replace(base, dx=thing.dx, dy=thing.dy, scale=thing.scale))
-        conditional = latents_of(pipe, jittered).mean(0)
+        renders_latents = latents_of(pipe, jittered)
+        conditional = renders_latents.mean(0)
         prompt = world.full_caption(base)
         x0, t = first_step_x0(pipe, prompt, draws, steps, seed)
         spread = (unconditional - conditional).pow(2).mean().item()
         r2 = 1 - (x0 - conditional).pow(2).mean().item() / spread
         r2_unconditional = 1 - (x0 - unconditional).pow(2).mean().item() / spread
         rows.append({"prompt": prompt, "timestep": t, "layout_r2": round(r2, 4),
-                     "r2_against_unconditional_mean": round(r2_unconditional, 4)})
-    return {"per_prompt": rows, "mean_layout_r2": round(statistics.fmean(r["layout_r2"] for r in rows), 4)}
+                     "r2_against_unconditional_mean": round(r2_unconditional, 4),
+                     # how far the caption moves the data's mean, against how much renders of it vary
+                     "caption_spread": round(spread, 4),
+                     "within_caption_variance": round(renders_latents.var(0).mean().item(), 4)})
+    means = {f"mean_{key}": round(statistics.fmean(r[key] for r in rows), 4)
+             for key in ("layout_r2", "caption_spread", "within_caption_variance")}
+    return {"per_prompt": rows, **means}
 
 
 def main(argv: list[str] | None = None) -> None:
