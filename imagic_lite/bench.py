@@ -178,7 +178,10 @@ def projected_seconds(preset: Preset, entry: dict) -> dict[str, float | None]:
 def add_ratios(result: dict) -> None:
     """Every figure as a ratio to `paper` (peak bytes, s/step, projected time); None where either side is missing."""
     paper = result["presets"].get(PAPER) or {}
-    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
     for entry in result["presets"].values():
         ratios: dict[str, Any] = {}
         for stage, rec in entry.get("stages", {}).items():

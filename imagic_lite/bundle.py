@@ -183,7 +183,7 @@ def _check_meta(meta: dict[str, str]) -> tuple[str, str, dict | None]:
         if not SIDE.fullmatch(meta[key]) or int(meta[key]) > MAX_SIDE:
             raise BundleError(f"metadata {key} must be a whole number of pixels 1..{MAX_SIDE}")
     for key in ("original_height", "original_width"):  # optional: bundles before SDXL time ids lack them
-        if key in meta and not SIDE.fullmatch(meta[key]):
+        if key in meta and not (SIDE.fullmatch(meta[key]) and int(meta[key]) <= MAX_ORIGINAL_SIDE):
             raise BundleError(f"metadata {key} must be a whole number of pixels 1..{MAX_ORIGINAL_SIDE}")
     if ("original_height" in meta) != ("original_width" in meta):
         raise BundleError("metadata has only one of original_height / original_width")
