@@ -197,3 +197,29 @@ def test_shipped_model_draws_what_it_is_asked():
         found = checker.read(image).main
         hits += found is not None and (found.colour, found.shape) == (scene.colour, scene.shape)
     assert hits >= 3
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_high_t_samples_are_scored_by_their_x0_error(prediction_type):
+    import torch
+
+    from imagic_lite.shapes.train import Config, denoising_loss
+
+    torch.manual_seed(0)
+    x0, noise, pred = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    a = torch.tensor([0.005, 0.3, 0.9])
+    cfg = Config(prediction_type=prediction_type, high_t_x0_loss=True)
+    a4 = a.view(-1, 1, 1, 1)
+    x_t = a4.sqrt() * x0 + (1 - a4).sqrt() * noise
+    if prediction_type == "epsilon":
+        target = noise
+        x0_hat = (x_t[:1] - (1 - a4[:1]).sqrt() * pred[:1]) / a4[:1].sqrt()
+    else:
+        target = a4.sqrt() * noise - (1 - a4).sqrt() * x0
+        x0_hat = a4[:1].sqrt() * x_t[:1] - (1 - a4[:1]).sqrt() * pred[:1]
+    # The first sample in x0, the other two against the schedule's own target.
+    expected = torch.cat([(x0_hat - x0[:1]).pow(2).mean().view(1),
+                          (pred[1:] - target[1:]).pow(2).mean(dim=(1, 2, 3))]).mean()
+    assert torch.allclose(denoising_loss(cfg, pred, x0, noise, a, n_high=1), expected, rtol=1e-4)
+    plain = Config(prediction_type=prediction_type)
+    assert torch.allclose(denoising_loss(plain, pred, x0, noise, a, n_high=1), (pred - target).pow(2).mean())
