@@ -83,6 +83,12 @@ class Config:
     # unit of loss, so layout is never learned; the x0 error is where the layout *is*. A toy run (stock UNet,
     # pure noise in, x0 out) learned position in 300 steps once asked this way.
     high_t_x0_loss: bool = False
+    # This fraction of each batch (after the high-t part) is trained at the last timestep. With zero terminal SNR
+    # that is pure noise in and -x0 out (v-prediction): the one place where only the caption can say where the
+    # shape goes. At any t with signal left, even SD's last one (SNR 0.005, but summed over a whole shape), the
+    # UNet learns to read the layout off the noise instead (benchmarks/shapes_layout_toy.py: --input schedule vs
+    # --input noise), and at sampling time it then reads a random layout off random noise.
+    terminal_fraction: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------- tokenizer
@@ -450,6 +456,8 @@ def train_unet(cfg: Config, work: Path, vae, latents: torch.Tensor, scenes: list
         n_high = round(cfg.high_t_fraction * cfg.batch)
         if n_high:
             t[:n_high] = torch.randint(cfg.high_t_min, cfg.train_timesteps, (n_high,), generator=generator)
+        n_terminal = round(cfg.terminal_fraction * cfg.batch)
+        t[n_high:n_high + n_terminal] = cfg.train_timesteps - 1
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
