@@ -61,12 +61,11 @@ class Config:
     dataset_size: int = 12000
     checkpoint_every: int = 250
     probe_every: int = 500
-    # Stable Diffusion's schedule (what the shipped model uses). It leaves 0.068 of the signal at the first sampling
-    # step, and every model we trained predicts the unconditional mean there (benchmarks/shapes_layout_probe.py:
-    # layout R^2 about 0), so the noise, not the caption, decides where the shape goes: position words are not
-    # learned. Tried, with results in benchmarks/results/shapes-layout-*.json: zero terminal SNR (Lin et al. 2024)
-    # with v-prediction and trailing spacing, from scratch and as a fine-tune, with half of each batch at t >= 750
-    # -- background words were then learned (1.00) but shape fell to 0.46 and position stayed at chance.
+    # Stable Diffusion's schedule, the defaults here (the shipped model's first stage, run6). It leaves 0.068 of x0 in
+    # x_T, and the UNet learns to read the layout off that faint copy instead of the caption, so at sampling time
+    # it reads a random layout off random noise: position at chance (0.15). The shipped model fixes this with zero
+    # terminal SNR + v-prediction + trailing spacing and `terminal_fraction` (position 0.96): see
+    # benchmarks/results/shapes-training/README.md for the fine-tune chain and its configs.
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -80,8 +79,8 @@ class Config:
     high_t_min: int = 750
     # Score that high-t part of the batch by its x0 error (the epsilon error divided by the SNR) instead of its
     # epsilon error. Near t = T an epsilon model that ignores the caption's layout loses only ~SNR (0.005) of a
-    # unit of loss, so layout is never learned; the x0 error is where the layout *is*. A toy run (stock UNet,
-    # pure noise in, x0 out) learned position in 300 steps once asked this way.
+    # unit of loss. Tried, and not enough on its own: toy R^2 -10 after 400 steps, fine-tune R^2 0.08
+    # (shapes-layout-toy-x0-from-epsilon.json, shapes-layout-run9-*.json); see terminal_fraction.
     high_t_x0_loss: bool = False
     # This fraction of each batch (after the high-t part) is trained at the last timestep. With zero terminal SNR
     # that is pure noise in and -x0 out (v-prediction): the one place where only the caption can say where the
