@@ -545,6 +545,9 @@ def main(argv: list[str] | None = None) -> None:
     # Work folders written before the schedule fields existed trained epsilon on SD's schedule: keep that on resume.
     legacy = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
     cfg = Config(**{**legacy, **json.loads(config_path.read_text())}) if config_path.exists() else Config()
+    if cfg.prediction_type == "epsilon" and cfg.rescale_betas_zero_snr:
+        # At zero SNR epsilon is the input itself (nothing to learn) and the x0 weighting divides by zero.
+        parser.error("rescale_betas_zero_snr needs prediction_type = v_prediction")
     overrides = {"steps": args.steps, "lr": args.lr, "vae_steps": args.vae_steps, "decoder_steps": args.decoder_steps,
                  "dataset_size": args.dataset_size}
     for key, value in overrides.items():
