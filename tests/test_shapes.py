@@ -226,3 +226,63 @@ def test_high_t_samples_are_scored_by_their_x0_error(prediction_type):
     assert torch.allclose(denoising_loss(cfg, pred, x0, noise, a, n_high=1), expected, rtol=1e-4)
     plain = Config(prediction_type=prediction_type)
     assert torch.allclose(denoising_loss(plain, pred, x0, noise, a, n_high=1), (pred - target).pow(2).mean())
+
+
+@pytest.mark.parametrize("latent_std", [0.0, 0.5])
+def test_latent_cache_scaling_measured_or_fixed_by_config(tmp_path, latent_std):
+    """A fine-tune on a new cache can keep its checkpoint's scaling factor (config latent_std) instead of the new
+    cache's measured std; the cache holds the scenes it was rendered from, two-shape ones included."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from imagic_lite.shapes.train import Config, Logger, build_latent_cache
+
+    class PixelVae:  # "encodes" by average pooling: latents follow the renders, no weights needed
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.nn.functional.avg_pool2d(x, 4)))
+
+    cfg = Config(dataset_size=40, p_second=1.0, latent_std=latent_std)
+    latents, scenes, scaling = build_latent_cache(cfg, PixelVae(), tmp_path, Logger(tmp_path / "log"))
+    assert latents.shape == (40, 3, 16, 16) and len(scenes) == 40
+    assert sum(s.second is not None for s in scenes) > 20
+    expected = 1 / latent_std if latent_std else 1 / latents.std().item()
+    assert scaling == pytest.approx(expected, rel=1e-5)
+
+
+class _RenderPipe:
+    """Stands in for a pipeline in evaluate(): draws each caption's scene exactly, with the colours of two-shape
+    scenes swapped when `swap` is set, so the pair scores have known answers."""
+
+    def __init__(self, swap: bool):
+        self.swap = swap
+
+    def __call__(self, captions, **_):
+        from types import SimpleNamespace
+
+        images = []
+        for text in captions:
+            named = world.parse_caption(text)
+            main, second = dict(named), named.get("second")
+            main.pop("second", None)
+            if self.swap and second is not None:
+                main["colour"], second = second["colour"], {**second, "colour": main["colour"]}
+            images.append(world.render(world.Scene(**main, second=world.Thing(**second) if second else None), 64))
+        return SimpleNamespace(images=images)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_pair_evaluation_scores_binding_and_colour_swaps(swap):
+    from imagic_lite.shapes.evaluate import evaluate, pair_accuracy
+
+    records = evaluate(_RenderPipe(swap), n=12, steps=1, guidance=1.0, seed=3, batch=4, pairs=True)
+    assert all(len(r["things"]) == 2 for r in records)
+    scores = pair_accuracy(records)
+    assert scores["shape_present"] == 1.0 and scores["shape"] == 1.0 and scores["two_objects"] == 1.0
+    differ = sum(r["things"][0]["asked"]["colour"] != r["things"][1]["asked"]["colour"] for r in records) / 12
+    assert differ > 0.5
+    if swap:
+        assert scores["colours_swapped"] == pytest.approx(differ)
+        assert scores["both_shapes_right"] == pytest.approx(1 - differ)
+    else:
+        assert scores["colours_swapped"] == 0.0 and scores["colour"] == 1.0 and scores["both_shapes_right"] == 1.0

@@ -37,10 +37,24 @@ def load_pipeline(directory: Path):
     return pipe
 
 
-def evaluate(pipe, n: int, steps: int, guidance: float, seed: int, batch: int) -> list[dict]:
-    """Sample n random full captions (fixed seeds) and return one record per sample: asked, read, image."""
+def two_object_scenes(rng: random.Random, n: int) -> list[world.Scene]:
+    """n random scenes that all hold a second shape (random_scene drops it when there is no room, so redraw)."""
+    scenes: list[world.Scene] = []
+    while len(scenes) < n:
+        scene = world.random_scene(rng, p_second=1.0)
+        if scene.second is not None:
+            scenes.append(scene)
+    return scenes
+
+
+def evaluate(pipe, n: int, steps: int, guidance: float, seed: int, batch: int, pairs: bool = False) -> list[dict]:
+    """Sample n random full captions (fixed seeds) and return one record per sample: asked, read, image.
+
+    With `pairs` every caption names two shapes, and each record also says, per asked shape, what the object found
+    in its grid cell reads as: that is what attribute binding ("a red circle and a blue square") needs.
+    """
     rng = random.Random(seed)
-    scenes = [world.random_scene(rng) for _ in range(n)]
+    scenes = two_object_scenes(rng, n) if pairs else [world.random_scene(rng) for _ in range(n)]
     captions = [world.caption(scene, rng) for scene in scenes]
     records = []
     for start in range(0, n, batch):
@@ -53,9 +67,46 @@ def evaluate(pipe, n: int, steps: int, guidance: float, seed: int, batch: int) -
             asked = {field: getattr(scene, field) for field in FIELDS}
             got = {field: getattr(found, field) if found else None for field in FIELDS[:-1]}
             got["background"] = reading.background
-            records.append({"caption": text, "asked": asked, "read": got, "objects": len(reading.objects),
-                            "image": image})
+            record = {"caption": text, "asked": asked, "read": got, "objects": len(reading.objects), "image": image}
+            if pairs:
+                record["things"] = [_thing_reading(thing, reading) for thing in scene.things]
+            records.append(record)
     return records
+
+
+def _thing_reading(thing: world.Thing, reading) -> dict:
+    """The asked shape beside the object the checker found in the same grid cell (None: nothing there)."""
+    found = next((o for o in reading.objects if o.position == thing.position), None)
+    return {"asked": {"colour": thing.colour, "shape": thing.shape, "position": thing.position},
+            "read": None if found is None else {"colour": found.colour, "shape": found.shape}}
+
+
+def pair_accuracy(records: list[dict]) -> dict[str, float]:
+    """Two-shape captions: each shape present in its cell, its colour and shape right, both at once, and swaps.
+
+    A colour swap (each shape wears the other's colour) is the tell-tale of attributes bound to the wrong noun.
+    """
+    n = len(records)
+
+    def right(item: dict, field: str) -> bool:
+        return item["read"] is not None and item["read"][field] == item["asked"][field]
+
+    things = [item for r in records for item in r["things"]]
+    swapped = 0
+    for r in records:
+        first, second = r["things"]
+        if first["read"] and second["read"] and first["asked"]["colour"] != second["asked"]["colour"]:
+            swapped += (first["read"]["colour"] == second["asked"]["colour"]
+                        and second["read"]["colour"] == first["asked"]["colour"])
+    return {
+        "shape_present": sum(item["read"] is not None for item in things) / len(things),
+        "colour": sum(right(item, "colour") for item in things) / len(things),
+        "shape": sum(right(item, "shape") for item in things) / len(things),
+        "both_shapes_right": sum(all(right(i, "colour") and right(i, "shape") for i in r["things"])
+                                 for r in records) / n,
+        "two_objects": sum(r["objects"] == 2 for r in records) / n,
+        "colours_swapped": swapped / n,
+    }
 
 
 def accuracy(records: list[dict]) -> dict[str, float]:
@@ -85,7 +136,11 @@ def sample_grid(records: list[dict], columns: int = 5, cell: int = 160) -> Image
     for i, record in enumerate(records):
         x, y = (i % columns) * cell, (i // columns) * (cell + label_height)
         grid.paste(record["image"].resize((cell, cell), Image.Resampling.NEAREST), (x, y))
-        right = all(record["asked"][f] == record["read"][f] for f in FIELDS[:4])
+        if "things" in record:  # two shapes: green when both read with their own colour and shape
+            right = all(t["read"] is not None and all(t["read"][f] == t["asked"][f] for f in ("colour", "shape"))
+                        for t in record["things"])
+        else:
+            right = all(record["asked"][f] == record["read"][f] for f in FIELDS[:4])
         lines, line = [], ""
         for word in record["caption"].split():
             if len(line) + len(word) + 1 > 26:
@@ -118,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--grid", type=int, default=20, help="samples shown in the PNG grid")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--pairs", action="store_true",
+                        help="two-shape captions only; writes shapes-model-pairs.json/.png (attribute binding)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import diffusers
@@ -125,17 +182,18 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = load_pipeline(args.model)
     started = time.time()
-    records = evaluate(pipe, args.n, args.steps, args.guidance, args.seed, args.batch)
+    records = evaluate(pipe, args.n, args.steps, args.guidance, args.seed, args.batch, pairs=args.pairs)
     seconds = time.time() - started
     result = {
         "model": str(args.model),
         "n": args.n,
-        "accuracy": accuracy(records),
+        "accuracy": pair_accuracy(records) if args.pairs else accuracy(records),
         "position_accuracy_by_cell": by_position(records),
         "settings": {"scheduler": type(pipe.scheduler).__name__, "steps": args.steps, "guidance": args.guidance,
                      "seed": args.seed, "batch": args.batch, "resolution": pipe.unet.config.sample_size
                      * pipe.vae_scale_factor, "captions": "world.caption(random_scene) naming shape, colour, size, "
-                     "position, and the background when not gray"},
+                     "position, and the background when not gray" + (", two shapes in every scene" if args.pairs
+                                                                      else "")},
         "seconds": round(seconds, 1),
         "seconds_per_sample": round(seconds / args.n, 3),
         "device": {"kind": "cpu", "processor": cpu_name(),
@@ -144,13 +202,17 @@ def main(argv: list[str] | None = None) -> None:
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m imagic_lite.shapes.evaluate", *sys.argv[1:]]),
-        "samples": [{key: r[key] for key in ("caption", "asked", "read", "objects")} for r in records],
+        "samples": [{key: r[key] for key in ("caption", "asked", "read", "objects", "things") if key in r}
+                    for r in records],
     }
+    if args.pairs:
+        del result["position_accuracy_by_cell"]  # main-object-only statistic; the pairs' cells are in "samples"
+    name = "shapes-model-pairs" if args.pairs else "shapes-model"
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "shapes-model.json", json.dumps(result, indent=1) + "\n")
-    with atomic_path(args.out / "shapes-samples.png") as tmp:
+    write_text_atomic(args.out / f"{name}.json", json.dumps(result, indent=1) + "\n")
+    with atomic_path(args.out / f"{'shapes-samples-pairs' if args.pairs else 'shapes-samples'}.png") as tmp:
         sample_grid(records[: args.grid]).save(tmp, format="PNG")
-    print(json.dumps({"accuracy": result["accuracy"], "by_cell": result["position_accuracy_by_cell"],
+    print(json.dumps({"accuracy": result["accuracy"], "by_cell": result.get("position_accuracy_by_cell"),
                       "seconds": result["seconds"]}, indent=1))
 
 

@@ -59,6 +59,9 @@ class Config:
     p_uncond: float = 0.1
     p_second: float = 0.0
     dataset_size: int = 12000
+    # Scale latents by 1/latent_std instead of the cache's measured std (0 = measure). A fine-tune on a new cache
+    # (say more two-shape scenes) then keeps the VAE scaling factor its starting checkpoint learned with.
+    latent_std: float = 0.0
     checkpoint_every: int = 250
     probe_every: int = 500
     # Stable Diffusion's schedule, the defaults here (the shipped model's first stage, run6). It leaves 0.068 of x0 in
@@ -350,8 +353,9 @@ def build_latent_cache(cfg: Config, vae, work: Path, log: Logger) -> tuple[torch
         save_checkpoint(path, state)
     scenes = [world.Scene(**{**s, "second": world.Thing(**s["second"]) if s["second"] else None})
               for s in state["scenes"]]
-    log(f"latents: {tuple(state['latents'].shape)} mean {state['mean']:.3f} std {state['std']:.3f}")
-    return state["latents"], scenes, 1.0 / state["std"]
+    log(f"latents: {tuple(state['latents'].shape)} mean {state['mean']:.3f} std {state['std']:.3f}"
+        + (f", scaled by 1/{cfg.latent_std} (config latent_std)" if cfg.latent_std else ""))
+    return state["latents"], scenes, 1.0 / (cfg.latent_std or state["std"])
 
 
 def training_caption(scene: world.Scene, rng: random.Random) -> str:
@@ -528,6 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp32", action="store_true", help="ship float32 weights instead of float16")
     parser.add_argument("--only-decoder", action="store_true",
                         help="train the VAE and polish its decoder, then stop (can run beside UNet training)")
+    parser.add_argument("--cache-only", action="store_true",
+                        help="stop after the VAE stages and the latent cache (render and encode the dataset)")
     parser.add_argument("--write-tokenizer", action="store_true", help="only (re)write the packaged tokenizer files")
     args = parser.parse_args(argv)
     if args.write_tokenizer:
@@ -564,6 +570,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.only_decoder:
         return
     latents, scenes, scaling = build_latent_cache(cfg, vae, work, log)
+    if args.cache_only:
+        return
     vae.register_to_config(scaling_factor=scaling)
     unet, text_encoder, tokenizer, scheduler = train_unet(cfg, work, vae, latents, scenes, scaling, log,
                                                           init_from=args.init_from)
