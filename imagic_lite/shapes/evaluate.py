@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(args.model),
         "n": args.n,
         "accuracy": pair_accuracy(records) if args.pairs else accuracy(records),
-        "position_accuracy_by_cell": by_position(records),
+        # main-object statistic; with --pairs each shape's cell is in "samples"
+        "position_accuracy_by_cell": None if args.pairs else by_position(records),
         "settings": {"scheduler": type(pipe.scheduler).__name__, "steps": args.steps, "guidance": args.guidance,
                      "guidance_rescale": args.guidance_rescale,
                      "seed": args.seed, "batch": args.batch, "resolution": pipe.unet.config.sample_size
@@ -215,14 +216,12 @@ def main(argv: list[str] | None = None) -> None:
         "samples": [{key: r[key] for key in ("caption", "asked", "read", "objects", "things") if key in r}
                     for r in records],
     }
-    if args.pairs:
-        del result["position_accuracy_by_cell"]  # main-object-only statistic; the pairs' cells are in "samples"
-    name = "shapes-model-pairs" if args.pairs else "shapes-model"
+    suffix = "-pairs" if args.pairs else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / f"{name}.json", json.dumps(result, indent=1) + "\n")
-    with atomic_path(args.out / f"{'shapes-samples-pairs' if args.pairs else 'shapes-samples'}.png") as tmp:
+    write_text_atomic(args.out / f"shapes-model{suffix}.json", json.dumps(result, indent=1) + "\n")
+    with atomic_path(args.out / f"shapes-samples{suffix}.png") as tmp:
         sample_grid(records[: args.grid]).save(tmp, format="PNG")
-    print(json.dumps({"accuracy": result["accuracy"], "by_cell": result.get("position_accuracy_by_cell"),
+    print(json.dumps({"accuracy": result["accuracy"], "by_cell": result["position_accuracy_by_cell"],
                       "seconds": result["seconds"]}, indent=1))
 
 
