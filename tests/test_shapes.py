@@ -231,7 +231,8 @@ def test_high_t_samples_are_scored_by_their_x0_error(prediction_type):
 @pytest.mark.parametrize("latent_std", [0.0, 0.5])
 def test_latent_cache_scaling_measured_or_fixed_by_config(tmp_path, latent_std):
     """A fine-tune on a new cache can keep its checkpoint's scaling factor (config latent_std) instead of the new
-    cache's measured std; the cache holds the scenes it was rendered from, two-shape ones included."""
+    cache's measured std; the cache holds the scenes it was rendered from, two-shape and non-gray-background ones
+    at the config's rates."""
     from types import SimpleNamespace
 
     import torch
@@ -242,10 +243,11 @@ def test_latent_cache_scaling_measured_or_fixed_by_config(tmp_path, latent_std):
         def encode(self, x):
             return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.nn.functional.avg_pool2d(x, 4)))
 
-    cfg = Config(dataset_size=40, p_second=1.0, latent_std=latent_std)
+    cfg = Config(dataset_size=40, p_second=1.0, p_background=1.0, latent_std=latent_std)
     latents, scenes, scaling = build_latent_cache(cfg, PixelVae(), tmp_path, Logger(tmp_path / "log"))
     assert latents.shape == (40, 3, 16, 16) and len(scenes) == 40
     assert sum(s.second is not None for s in scenes) > 20
+    assert all(s.background != world.DEFAULT_BACKGROUND for s in scenes)
     expected = 1 / latent_std if latent_std else 1 / latents.std().item()
     assert scaling == pytest.approx(expected, rel=1e-5)
 

@@ -58,6 +58,9 @@ class Config:
     ema_decay: float = 0.999
     p_uncond: float = 0.1
     p_second: float = 0.0
+    # Chance that a cached scene has a non-gray (black or white) background. The world's default, 0.3, left colour
+    # on black and white at 0.73 while gray was 1.00 (shapes-model.json): a fine-tune can raise it.
+    p_background: float = 0.3
     dataset_size: int = 12000
     # Scale latents by 1/latent_std instead of the cache's measured std (0 = measure). A fine-tune on a new cache
     # (say more two-shape scenes) then keeps the VAE scaling factor its starting checkpoint learned with.
@@ -341,7 +344,8 @@ def build_latent_cache(cfg: Config, vae, work: Path, log: Logger) -> tuple[torch
         state = torch.load(path, weights_only=False)
     else:
         rng = random.Random(cfg.seed + 2)
-        scenes = [world.random_scene(rng, p_second=cfg.p_second) for _ in range(cfg.dataset_size)]
+        scenes = [world.random_scene(rng, p_second=cfg.p_second, p_background=cfg.p_background)
+                  for _ in range(cfg.dataset_size)]
         chunks = []
         with torch.no_grad():
             for start in range(0, len(scenes), 256):
