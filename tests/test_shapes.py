@@ -228,6 +228,30 @@ def test_high_t_samples_are_scored_by_their_x0_error(prediction_type):
     assert torch.allclose(denoising_loss(plain, pred, x0, noise, a, n_high=1), (pred - target).pow(2).mean())
 
 
+def test_object_cells_weigh_more_in_the_loss():
+    """object_loss_weight: an error on an object's latent cells costs more than the same error on background."""
+    import torch
+
+    from imagic_lite.shapes.train import Config, denoising_loss, object_masks
+
+    scene = world.Scene("circle", "orange", "small", "center", "black")
+    mask = object_masks([scene], 64, 16)
+    assert mask.shape == (1, 1, 16, 16)
+    assert mask[0, 0, 7, 7] == 1.0 and mask[0, 0, 0, 0] == 0.0  # centre covered, corner bare
+    assert 0.02 < mask.mean().item() < 0.08  # a small circle: about pi * 0.1^2 of the image
+    cfg = Config(prediction_type="epsilon")
+    x0, noise, a = torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 16, 16), torch.tensor([0.5])
+    on_object, on_background = torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 16, 16)
+    on_object[..., 7, 7], on_background[..., 0, 0] = 1.0, 1.0
+    weight = 1.0 + 9.0 * mask
+    assert denoising_loss(cfg, on_object, x0, noise, a) == denoising_loss(cfg, on_background, x0, noise, a)
+    weighted = [denoising_loss(cfg, pred, x0, noise, a, weight=weight) for pred in (on_object, on_background)]
+    assert weighted[0].item() == pytest.approx(10 * weighted[1].item())
+    # a uniform error keeps its plain value: the weighted mean is normalised
+    ones = torch.ones(1, 4, 16, 16)
+    assert denoising_loss(cfg, ones, x0, noise, a, weight=weight).item() == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("latent_std", [0.0, 0.5])
 def test_latent_cache_scaling_measured_or_fixed_by_config(tmp_path, latent_std):
     """A fine-tune on a new cache can keep its checkpoint's scaling factor (config latent_std) instead of the new
