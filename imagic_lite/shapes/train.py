@@ -95,7 +95,7 @@ class Config:
     # --input noise), and at sampling time it then reads a random layout off random noise.
     terminal_fraction: float = 0.0
     # Weight of the latent cells an object covers in the loss (1 = plain MSE), for colour on black and white
-    # backgrounds: this VAE packs colours there 2-5x closer together in latent space than on gray
+    # backgrounds: this VAE packs colours there about 2.5-3x closer together in latent space than on gray
     # (benchmarks/shapes_vae_colour_separation.py), so a colour mistake there costs the plain loss very little.
     object_loss_weight: float = 1.0
 
