@@ -27,7 +27,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "examples" / "red-circle.png"
 PROMPT = "a blue circle"
 TARGET_COLOUR = "blue"
 SETTINGS = {"embed": {"steps": 100, "lr": 1e-2},
-            "tune": {"steps": 200, "lora_lr": 1e-3, "rank": 4, "alpha": 4.0,
+            "tune": {"steps": 150, "lora_lr": 1e-3, "rank": 4, "alpha": 4.0,
                      "targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}}
 SAMPLE = SampleSettings(steps=15, guidance=5.0, etas=(1.2, 1.4, 1.6), seeds=(0,))
 CENTRE_TOLERANCE = 0.08  # as the quality benchmark: a fraction of the image side

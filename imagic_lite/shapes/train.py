@@ -70,7 +70,7 @@ class Config:
     # Stable Diffusion's schedule, the defaults here (the shipped model's first stage, run6). It leaves 0.068 of x0 in
     # x_T, and the UNet learns to read the layout off that faint copy instead of the caption, so at sampling time
     # it reads a random layout off random noise: position at chance (0.15). The shipped model fixes this with zero
-    # terminal SNR + v-prediction + trailing spacing and `terminal_fraction` (position 0.98): see
+    # terminal SNR + v-prediction + trailing spacing and `terminal_fraction` (position 0.97 on 300 samples): see
     # benchmarks/results/shapes-training/README.md for the fine-tune chain and its configs.
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
