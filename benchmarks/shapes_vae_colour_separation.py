@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from imagic_lite.files import write_text_atomic
 from imagic_lite.shapes import world
@@ -56,16 +57,16 @@ def main(argv: list[str] | None = None) -> None:
                 found = read(image).main
                 round_trip += found is not None and found.colour == scene.colour
                 total += 1
-        with torch.no_grad():
-            plain = vae.encode(to_tensor([world.render(world.Scene("circle", "red", "small", "center", background),
-                                                       64)])).latent_dist.mean * scale
+        with torch.no_grad():  # the background alone: how much of the latent the background itself takes
+            blank = Image.new("RGB", (64, 64), world.BACKGROUNDS[background])
+            plain = vae.encode(to_tensor([blank])).latent_dist.mean * scale
         means = {pair: float(np.mean(values)) for pair, values in pair_distances.items()}
         result[background] = {
             "mean_pair_distance": float(np.mean(list(means.values()))),
             "closest_pair": min(means, key=means.get),
             "closest_pair_distance": min(means.values()),
             "pair_distance": means,
-            "scene_latent_norm": plain.norm().item(),
+            "background_latent_norm": plain.norm().item(),
             "round_trip_colour_right": round_trip / total,
         }
     gray = result[world.DEFAULT_BACKGROUND]["mean_pair_distance"]

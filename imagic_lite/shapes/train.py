@@ -59,7 +59,8 @@ class Config:
     p_uncond: float = 0.1
     p_second: float = 0.0
     # Chance that a cached scene has a non-gray (black or white) background. The world's default, 0.3, left colour
-    # on black and white at 0.73 while gray was 1.00 (shapes-model.json): a fine-tune can raise it.
+    # on black and white at 0.72-0.73 while gray was 1.00 (shapes-training/run16-eval.json); 0.6 alone did not
+    # lift it (run18), object_loss_weight did.
     p_background: float = 0.3
     dataset_size: int = 12000
     # Scale latents by 1/latent_std instead of the cache's measured std (0 = measure). A fine-tune on a new cache
