@@ -391,6 +391,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated: lora,full,sdedit")
     ap.add_argument("--cases", type=int, default=None, help="run the first N cases (round-robin over kinds)")
+    ap.add_argument("--only", default="", help="comma-separated case ids (e.g. size-02,second-object-07): diagnose "
+                    "those cases only")
+    ap.add_argument("--kinds", default="", help=f"comma-separated kinds to keep, of {', '.join(KINDS)}")
     ap.add_argument("--full-cases", type=int, default=12, help="cases for the (slow) full fine-tune, a subset")
     ap.add_argument("--suite-seed", type=int, default=0, help="0 is the benchmark; others are held-out suites")
     ap.add_argument("--per-kind", type=int, default=8)
@@ -407,6 +410,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--note", action="append", default=[], help="a line for the results' notes")
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)
+
+
+def select(suite: tuple[EditCase, ...], only: str, kinds: str) -> tuple[EditCase, ...]:
+    """The cases named by `--only` and of the kinds in `--kinds` (either empty = no filter); unknown names stop."""
+    ids = {c.strip() for c in only.split(",") if c.strip()}
+    wanted = {k.strip() for k in kinds.split(",") if k.strip()}
+    unknown = sorted(ids - {c.id for c in suite}) + sorted(wanted - set(KINDS))
+    if unknown:
+        raise SystemExit(f"no such case or kind in this suite: {', '.join(unknown)}")
+    return tuple(c for c in suite if (not ids or c.id in ids) and (not wanted or c.kind in wanted))
 
 
 def overrides_from(sets: list[str], quick: bool) -> dict[str, Any]:
@@ -431,7 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     suite = build_suite(args.suite_seed, args.per_kind)
-    chosen = subset(suite, args.cases) if args.cases else suite
+    chosen = select(suite, args.only, args.kinds)
+    chosen = subset(chosen, args.cases) if args.cases else chosen
     cases = {m: subset(chosen, args.full_cases) if m == "full" else chosen for m in methods}
     run = RunSettings(args.model, args.preset, overrides_from(args.set, args.quick),
                       tuple(float(v) for v in args.etas.split(",")),

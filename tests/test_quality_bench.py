@@ -177,3 +177,16 @@ def test_overrides_parse_toml_values():
     data = quality.overrides_from(["tune.steps=200", "tune.targets=['to_q', 'conv1']", "sample.guidance=4.5"], False)
     assert data == {"tune": {"steps": 200, "targets": ["to_q", "conv1"]}, "sample": {"guidance": 4.5}}
     assert quality.overrides_from([], True)["embed"]["steps"] == 3
+
+
+def test_select_filters_by_case_id_and_kind():
+    cases = suite.build_suite(0, 2)
+    assert quality.select(cases, "", "") == cases
+    picked = quality.select(cases, "size-01,second-object-00", "")
+    assert [c.id for c in picked] == ["size-01", "second-object-00"]
+    assert {c.kind for c in quality.select(cases, "", "colour,position")} == {"colour", "position"}
+    assert [c.id for c in quality.select(cases, "size-01,colour-00", "size")] == ["size-01"]
+    with pytest.raises(SystemExit, match="no such case or kind"):
+        quality.select(cases, "size-99", "")
+    with pytest.raises(SystemExit, match="no such case or kind"):
+        quality.select(cases, "", "hue")
