@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagic_lite.bundle import Bundle, _versions, load_bundle, lora_shapes, save_bundle  # noqa: E402
 from imagic_lite.config import TuneSettings  # noqa: E402
+from imagic_lite.files import write_text_atomic  # noqa: E402
 from imagic_lite.lora import lora_config  # noqa: E402
 from imagic_lite.models import Cond  # noqa: E402
 
@@ -67,7 +68,7 @@ def measure() -> dict:
 def main() -> None:
     result = measure()
     RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(RESULT, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from imagic_lite.files import write_text_atomic
+
 
 def latent_px(result: dict) -> int:
     side = next(e["side"] for e in result["presets"].values() if "side" in e)
@@ -116,7 +118,7 @@ def main(argv: list[str]) -> int:
         text = json.dumps(out, indent=1)
         print(text)
         if args.out:
-            args.out.write_text(text + "\n", encoding="utf-8")
+            write_text_atomic(args.out, text + "\n")
         return 0
     out = {"model": small["model"], "device": small["env"]["device"], "sources": [args.small.name, args.large.name],
            "sides": [next(e["side"] for e in r["presets"].values() if "side" in e) for r in (small, large)],
@@ -128,7 +130,7 @@ def main(argv: list[str]) -> int:
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+        write_text_atomic(args.out, text + "\n")
     return 0
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from imagic_lite.files import write_text_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 IMAGE = "examples/red-circle.png"
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["under_two_minutes"] = result["wall_seconds"] < 120
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("wall_seconds", "peak_rss_mb", "cpu_seconds", "stages",
                                              "edited_at_etas")}, indent=1))
     return result

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import matplotlib
 
+from imagic_lite.files import write_text_atomic
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -83,12 +85,12 @@ def main(argv: list[str]) -> int:
         path = Path(name)
         data = json.loads(path.read_text())
         if "caps" in data:
-            path.with_suffix(".md").write_text(fit_table(data), encoding="utf-8")
+            write_text_atomic(path.with_suffix(".md"), fit_table(data))
             continue
         if re_estimate:
             add_estimates(data, arch_facts(data["model"]))
-            path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        path.with_suffix(".md").write_text(render_table(data), encoding="utf-8")
+            write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+        write_text_atomic(path.with_suffix(".md"), render_table(data))
         chart(data, path.with_suffix(".png"))
         print(f"rendered {path.with_suffix('.md')}")
     return 0

@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from imagic_lite.files import write_text_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -98,7 +100,7 @@ def save(result: dict, args: argparse.Namespace) -> str:
     path = None
     for folder in filter(None, (args.out, args.also_out)):
         path = write_results(result, folder)
-        path.with_suffix(".md").write_text(render_table(result), encoding="utf-8")
+        write_text_atomic(path.with_suffix(".md"), render_table(result))
         chart(result, path.with_suffix(".png"))
         print(f"wrote {path} (+ .md, .png)", flush=True)
     return path.name if path else ""
@@ -149,7 +151,7 @@ def fit_matrix(args: argparse.Namespace, argv: list[str], caps: list[float]) -> 
 
     for folder in filter(None, (args.out, args.also_out)):
         path = folder / results_name(uncapped).replace("bench-", "fit-", 1)
-        path.write_text(json.dumps(fit, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(fit, indent=1) + "\n")
         print(f"wrote {path}", flush=True)
 
 
@@ -168,7 +170,7 @@ def main(argv: list[str]) -> int:
     for cap in caps or [None]:
         result = run_once(args, argv, cap, args.presets, not args.no_paper)
         if args.child_json:
-            args.child_json.write_text(json.dumps(result), encoding="utf-8")
+            write_text_atomic(args.child_json, json.dumps(result))
             continue
         save(result, args)
     return 0
