@@ -312,3 +312,19 @@ def test_pair_evaluation_scores_binding_and_colour_swaps(swap):
         assert scores["both_shapes_right"] == pytest.approx(1 - differ)
     else:
         assert scores["colours_swapped"] == 0.0 and scores["colour"] == 1.0 and scores["both_shapes_right"] == 1.0
+
+
+def test_fine_tuning_can_start_from_the_shipped_pipeline_folder():
+    """The trainer's --init-from takes a pipeline folder (the run's checkpoints may be long gone): float32 weights
+    that load into freshly built trainer models, EMA starting from the same weights."""
+    import torch
+
+    from imagic_lite.shapes.train import Config, initial_weights, load_tokenizer, make_text_encoder, make_unet
+
+    cfg = Config()  # the shipped model's architecture is the trainer's default one
+    state = initial_weights(MODEL_DIR)
+    assert all(v.dtype == torch.float32 for v in state["unet"].values())
+    assert state["ema_unet"] is state["unet"] and state["ema_text"] is state["text"]
+    unet, text = make_unet(cfg), make_text_encoder(cfg, load_tokenizer())
+    unet.load_state_dict(state["unet"])
+    text.load_state_dict(state["text"])

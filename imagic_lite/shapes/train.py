@@ -438,6 +438,21 @@ def probe_accuracy(pipe, seed: int, steps: int = 25, guidance: float = 6.0) -> d
     return {field: count / len(scenes) for field, count in hits.items()}
 
 
+def initial_weights(init_from: Path) -> dict:
+    """UNet and text-encoder weights to fine-tune from: a trainer checkpoint (ckpt.pt), or a pipeline folder such as
+    the shipped model, for when the run's checkpoints are gone. A folder holds no EMA, so the EMA starts from the
+    same weights; the UNet's float16 file is upcast to float32 for training."""
+    if not init_from.is_dir():
+        return torch.load(init_from, weights_only=False)
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(init_from / "unet")).state_dict()
+    text = CLIPTextModel.from_pretrained(str(init_from / "text_encoder")).state_dict()
+    unet, text = ({k: v.float() for k, v in weights.items()} for weights in (unet, text))
+    return {"unet": unet, "text": text, "ema_unet": unet, "ema_text": text, "step": f"pipeline {init_from.name}"}
+
+
 def train_unet(cfg: Config, work: Path, vae, latents: torch.Tensor, scenes: list[world.Scene], scaling: float,
                log: Logger, init_from: Path | None = None):
     """Joint UNet + text-encoder training (epsilon or v target, classifier-free dropout); returns the EMA models."""
@@ -460,7 +475,7 @@ def train_unet(cfg: Config, work: Path, vae, latents: torch.Tensor, scenes: list
         step = state["step"]
         log(f"unet: resumed at step {step}")
     elif init_from is not None:
-        state = torch.load(init_from, weights_only=False)
+        state = initial_weights(init_from)
         for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
             module.load_state_dict(state[key])
         log(f"unet: initialised from {init_from} (its step {state['step']}), fine-tuning from step 0")
@@ -556,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int)
     parser.add_argument("--lr", type=float, help="peak UNet + text encoder learning rate")
     parser.add_argument("--init-from", type=Path,
-                        help="start the UNet and text encoder from this checkpoint (a fine-tuning run)")
+                        help="start the UNet and text encoder from this checkpoint or pipeline folder "
+                        "(a fine-tuning run)")
     parser.add_argument("--decoder-steps", type=int, help="decoder-only polish steps (0 skips the stage)")
     parser.add_argument("--dataset-size", type=int)
     parser.add_argument("--threads", type=int, default=1,
