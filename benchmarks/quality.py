@@ -437,6 +437,7 @@ def overrides_from(sets: list[str], quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     from imagic_lite.api import device_info, versions
+    from imagic_lite.files import write_bytes_atomic, write_text_atomic
     from imagic_lite.models import pick_device, resolve_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -506,10 +507,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     stem = f"quality-{date:%Y-%m-%d}" + (f"-{args.tag}" if args.tag else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     md_name = "quality.md" if not args.tag else f"{stem}.md"
-    (args.out / md_name).write_text(markdown(result))
-    picture_grid(results, defaults).save(args.out / f"{stem}.png")
+    write_text_atomic(args.out / md_name, markdown(result))
+    write_bytes_atomic(args.out / f"{stem}.png", _png(picture_grid(results, defaults)))
     print(markdown(result))
     print(f"wrote {args.out / stem}.json, {md_name}, {stem}.png in {wall:.0f} s")
     return result
