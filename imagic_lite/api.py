@@ -97,8 +97,8 @@ class StageRecord:
     seconds: float
     steps: int
     peak: dict[str, Any]
-    loss_first: float | None = None
-    loss_last: float | None = None
+    loss_first: float | None = None  # mean over the stage's first tenth of steps (see _ends)
+    loss_last: float | None = None  # mean over its last tenth
 
 
 def run_key(pixels: torch.Tensor, prompt: str, fingerprint: str, preset: Preset, seed: int,
@@ -255,7 +255,12 @@ class Imagic:
 
 
 def _ends(losses: list[float]) -> tuple[float | None, float | None]:
-    return (losses[0], losses[-1]) if losses else (None, None)
+    """Mean loss over the first and the last tenth of a stage's steps (at least one step each): one step's loss
+    depends mostly on its random timestep, so the first and last single values can show a falling loss rising."""
+    if not losses:
+        return None, None
+    k = max(1, len(losses) // 10)
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
 
 def _rounded(bundle):

@@ -195,7 +195,7 @@ def _summary(report: dict[str, Any], files: list[Path], json_out: bool) -> None:
     from rich.table import Table
 
     table = Table(title="stages", show_edge=False)
-    for col in ("stage", "seconds", "steps", "peak memory", "loss first -> last"):
+    for col in ("stage", "seconds", "steps", "peak memory", "loss, first -> last 10 %"):
         table.add_column(col)
     for r in report["stages"]:
         peak = r["peak"]

@@ -56,3 +56,13 @@ def test_resume_refuses_a_checkpoint_from_another_run(tiny_sd, photo, tmp_path):
         _imagic(tiny_sd).fit(photo, "a dog", stop=stop, checkpoint=checkpoint)
     with pytest.raises(InputError, match="different image, prompt"):
         _imagic(tiny_sd).fit(photo, "a cat", checkpoint=checkpoint, resume=True)
+
+
+def test_stage_loss_ends_are_means_over_a_tenth_of_the_steps():
+    from imagic_lite.api import _ends
+
+    assert _ends([]) == (None, None)
+    assert _ends([3.0]) == (3.0, 3.0)
+    losses = [float(i % 2) for i in range(100)]  # alternating 0, 1: each single end value would mislead
+    assert _ends(losses) == (0.5, 0.5)
+    assert _ends([4.0] * 10 + [1.0] * 80 + [2.0] * 10) == (4.0, 2.0)
