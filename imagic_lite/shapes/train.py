@@ -447,8 +447,9 @@ def initial_weights(init_from: Path) -> dict:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(str(init_from / "unet")).state_dict()
-    text = CLIPTextModel.from_pretrained(str(init_from / "text_encoder")).state_dict()
+    # use_safetensors: never fall back to unpickling a .bin that sits beside a broken .safetensors file.
+    unet = UNet2DConditionModel.from_pretrained(str(init_from / "unet"), use_safetensors=True).state_dict()
+    text = CLIPTextModel.from_pretrained(str(init_from / "text_encoder"), use_safetensors=True).state_dict()
     unet, text = ({k: v.float() for k, v in weights.items()} for weights in (unet, text))
     return {"unet": unet, "text": text, "ema_unet": unet, "ema_text": text, "step": f"pipeline {init_from.name}"}
 
