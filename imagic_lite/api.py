@@ -16,7 +16,15 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import Preset, SampleSettings, apply_overrides, load_preset, preset_for_vram, read_toml
+from .config import (
+    Preset,
+    SampleSettings,
+    apply_overrides,
+    check_resolved,
+    load_preset,
+    preset_for_vram,
+    read_toml,
+)
 from .errors import ConfigError, Interrupted
 from .imagic import Progress, Sample, StageState, StopFlag, _no_progress, finetune, generate, optimize_embedding
 from .models import DEFAULT_MODEL, Components, Cond, encode, encode_text, load_components, pick_device, resolve_model
@@ -77,18 +85,32 @@ def _parse_vram(vram: str) -> float:
     return gb
 
 
-def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, overrides: dict[str, Any]) -> Preset:
-    """defaults < preset < the model's recommendations < --config file < flags."""
+def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, overrides: dict[str, Any], *,
+                     family: str | None = None, tune_lr: float | None = None) -> Preset:
+    """defaults < preset < the model's recommendations < --config file < flags, for the model's family.
+
+    Each layer's [family.*] table (e.g. [sdxl.memory]) is applied right after that layer's plain tables, so it
+    beats them and every earlier layer, and a later layer still beats it. `tune_lr` (--tune-lr) sets the rate of
+    the mode the layers end up with; cross-section rules are checked last, before anything is loaded."""
+    if family is None:
+        from .models import detect_family
+
+        family = detect_family(model_dir).name
+    settings = preset.for_family(family)
+    layers: list[tuple[dict[str, Any], str, str]] = []
     recommended = model_dir / MODEL_RECOMMENDATIONS
     if recommended.is_file():
-        data, text = read_toml(recommended)
-        preset = apply_overrides(preset, data, str(recommended), text)
+        layers.append((*read_toml(recommended), str(recommended)))
     if config_file:
-        data, text = read_toml(Path(config_file))
-        preset = apply_overrides(preset, data, config_file, text)
+        layers.append((*read_toml(Path(config_file)), config_file))
     if overrides:
-        preset = apply_overrides(preset, overrides, "command-line flags")
-    return preset
+        layers.append((overrides, "", "command-line flags"))
+    for data, text, source in layers:
+        settings = apply_overrides(settings, data, source, text).for_family(family)
+    if tune_lr is not None:
+        key = "full_lr" if settings.tune.mode == "full" else "lora_lr"
+        settings = apply_overrides(settings, {"tune": {key: tune_lr}}, "--tune-lr")
+    return check_resolved(settings)
 
 
 @dataclass
@@ -124,18 +146,16 @@ class Imagic:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, preset: str | Preset | None = None, *,
                         vram: str | None = None, device: str | None = None, config_file: str | None = None,
-                        overrides: dict[str, Any] | None = None) -> Imagic:
+                        overrides: dict[str, Any] | None = None, tune_lr: float | None = None) -> Imagic:
+        """Load `model` with settings resolved as in `resolve_settings`; `tune_lr` is the stage B learning rate
+        of whichever tune mode the settings end up with (--tune-lr)."""
         dev = pick_device(device)
         notes: list[str] = []
         if isinstance(preset, Preset):
             chosen = preset
         else:
             chosen, notes = choose_preset(preset, vram, dev, model)
-        from .models import detect_family
-
-        model_dir = resolve_model(model)
-        chosen = chosen.for_family(detect_family(model_dir).name)
-        settings = resolve_settings(model_dir, chosen, config_file, overrides or {})
+        settings = resolve_settings(resolve_model(model), chosen, config_file, overrides or {}, tune_lr=tune_lr)
         start = time.perf_counter()
         components = load_components(model, settings.memory, dev)
         self = cls(components, settings, notes)
