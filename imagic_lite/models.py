@@ -150,10 +150,7 @@ def resolve_model(model: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        # Only what we load: hub repos also hold multi-GB single-file checkpoints, EMA and fp16 copies, .bin files.
-        patterns = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*",
-                    "unet/diffusion_pytorch_model*.safetensors*", "vae/diffusion_pytorch_model.safetensors",
-                    "text_encoder*/model*.safetensors*"]
+        patterns = list(HUB_PATTERNS)
         try:
             return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
         except Exception:
@@ -164,8 +161,31 @@ def resolve_model(model: str) -> Path:
         reason = type(exc).__name__
         raise ModelError(
             f"model {model!r} is not on this machine and could not be downloaded ({reason}); "
-            f"fix: run `huggingface-cli download {model}` where there is internet, or pass --model /path/to/folder"
+            f"fix: run `{download_command(model)}` where there is internet, or pass --model /path/to/folder"
         ) from None
+
+
+# Only what we load: hub repos also hold multi-GB single-file checkpoints, EMA and fp16 copies, .bin files.
+HUB_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*",
+                "unet/diffusion_pytorch_model*.safetensors*", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder*/model*.safetensors*")
+
+
+def download_command(model: str) -> str:
+    """The download command of the installed huggingface_hub: `hf` since 0.34; `huggingface-cli` before (removed
+    in 1.0). Failing both, the Python call, which every version has."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        scripts = {e.name for e in distribution("huggingface_hub").entry_points if e.group == "console_scripts"}
+    except PackageNotFoundError:
+        scripts = set()
+    if "hf" in scripts:  # typer: one --include per pattern
+        return f"hf download {model} " + " ".join(f"--include '{p}'" for p in HUB_PATTERNS)
+    if "huggingface-cli" in scripts:  # argparse: --include takes the list
+        return f"huggingface-cli download {model} --include " + " ".join(f"'{p}'" for p in HUB_PATTERNS)
+    return (f"python -c \"from huggingface_hub import snapshot_download; "
+            f"snapshot_download('{model}', allow_patterns={list(HUB_PATTERNS)})\"")
 
 
 def detect_family(path: Path) -> Family:
