@@ -124,7 +124,8 @@ class Imagic:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, preset: str | Preset | None = None, *,
                         vram: str | None = None, device: str | None = None, config_file: str | None = None,
-                        overrides: dict[str, Any] | None = None) -> Imagic:
+                        overrides: dict[str, Any] | None = None, chatter: bool = False) -> Imagic:
+        """Load `model` with resolved settings; `chatter=True` lets diffusers/transformers print while loading."""
         dev = pick_device(device)
         notes: list[str] = []
         if isinstance(preset, Preset):
@@ -137,7 +138,7 @@ class Imagic:
         chosen = chosen.for_family(detect_family(model_dir).name)
         settings = resolve_settings(model_dir, chosen, config_file, overrides or {})
         start = time.perf_counter()
-        components = load_components(model, settings.memory, dev)
+        components = load_components(model, settings.memory, dev, chatter=chatter)
         self = cls(components, settings, notes)
         self.records.append(StageRecord("load", time.perf_counter() - start, 0, {}))
         return self

@@ -5,9 +5,12 @@ The one place that knows SD 1/2 from SDXL: a small Family table plus one text-en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,8 +302,49 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_components(model: str, memory: MemorySettings, device: torch.device) -> Components:
-    """Load `model` and apply every memory knob of `memory`; all base weights frozen."""
+@contextlib.contextmanager
+def library_chatter(shown: bool) -> Iterator[None]:
+    """Silence what diffusers, transformers and bitsandbytes print while loading ("Loading weights" bars, "modules
+    ... kept in float32", bitsandbytes' CPU-kernel warning at import): the library never prints, and the CLI shows
+    only its own lines unless --debug. Every setting is restored afterwards."""
+    if shown:
+        yield
+        return
+    import diffusers
+    import transformers
+
+    dlog, tlog = diffusers.utils.logging, transformers.utils.logging
+    bnb = logging.getLogger("bitsandbytes")
+    before = (dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(),
+              tlog.is_progress_bar_enabled(), bnb.level)
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    bnb.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        dlog.set_verbosity(before[0])
+        tlog.set_verbosity(before[1])
+        if before[2]:
+            dlog.enable_progress_bar()
+        if before[3]:
+            tlog.enable_progress_bar()
+        bnb.setLevel(before[4])
+
+
+def load_components(model: str, memory: MemorySettings, device: torch.device, *,
+                    chatter: bool = False) -> Components:
+    """Load `model` and apply every memory knob of `memory`; all base weights frozen. `chatter`: let the
+    libraries print their own loading messages."""
+    with library_chatter(chatter):
+        return _load_components(model, memory, device)
+
+
+def _load_components(model: str, memory: MemorySettings, device: torch.device) -> Components:
     path = resolve_model(model)
     family = detect_family(path)
     dtype = compute_dtype(memory.weights, device)
