@@ -146,9 +146,11 @@ class Imagic:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, preset: str | Preset | None = None, *,
                         vram: str | None = None, device: str | None = None, config_file: str | None = None,
-                        overrides: dict[str, Any] | None = None, tune_lr: float | None = None) -> Imagic:
+                        overrides: dict[str, Any] | None = None, tune_lr: float | None = None,
+                        chatter: bool = False) -> Imagic:
         """Load `model` with settings resolved as in `resolve_settings`; `tune_lr` is the stage B learning rate
-        of whichever tune mode the settings end up with (--tune-lr)."""
+        of whichever tune mode the settings end up with (--tune-lr); `chatter=True` lets diffusers/transformers
+        print while loading."""
         dev = pick_device(device)
         notes: list[str] = []
         if isinstance(preset, Preset):
@@ -157,7 +159,7 @@ class Imagic:
             chosen, notes = choose_preset(preset, vram, dev, model)
         settings = resolve_settings(resolve_model(model), chosen, config_file, overrides or {}, tune_lr=tune_lr)
         start = time.perf_counter()
-        components = load_components(model, settings.memory, dev)
+        components = load_components(model, settings.memory, dev, chatter=chatter)
         self = cls(components, settings, notes)
         self.records.append(StageRecord("load", time.perf_counter() - start, 0, {}))
         return self

@@ -6,6 +6,7 @@ Heavy imports (torch, diffusers) happen inside commands so `--help` answers at o
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ def _quiet_libraries(debug: bool) -> None:
     if debug:
         return
     warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel warning (diffusers imports it)
     import diffusers
     import transformers
 
@@ -150,7 +152,8 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
     console = _console()
     imagic = Imagic.from_pretrained(model or DEFAULT_MODEL, preset, vram=vram, device=device,
                                     config_file=str(config_file) if config_file else None, overrides=overrides,
-                                    tune_lr=tune_lr)  # for the final mode: a preset or --config may choose full
+                                    tune_lr=tune_lr,  # for the final mode: a preset or --config may choose full
+                                    chatter=ctx.obj["debug"])
     imagic.notes[:0] = list(loaded.notes)
     _print_notes(console, imagic.notes)
     shown = len(imagic.notes)
@@ -237,7 +240,8 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     from .api import Imagic
 
     console = _console()
-    imagic = Imagic.from_pretrained(model or bundle.meta["base_model"], preset, vram=vram, device=device)
+    imagic = Imagic.from_pretrained(model or bundle.meta["base_model"], preset, vram=vram, device=device,
+                                    chatter=ctx.obj["debug"])
     warnings_ = check_compatible(bundle, imagic.components, force=force)
     _print_notes(console, imagic.notes + warnings_)
     base = stored_sample(bundle.meta)
