@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_suite import CENTRE_TOLERANCE, KINDS, EditCase, build_suite, score, subset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("lora", "full", "sdedit")
-LABELS = {"lora": "Imagic-LoRA", "full": "Imagic-full", "sdedit": "SDEdit"}
+METHODS = ("lora", "auto", "full", "sdedit")
+LABELS = {"lora": "Imagic-LoRA", "auto": "Imagic-LoRA auto-eta", "full": "Imagic-full", "sdedit": "SDEdit"}
 DEFAULT_ETAS = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4)
 DEFAULT_STRENGTHS = (0.4, 0.5, 0.6, 0.7, 0.8)
 DEFAULT_ETA = 1.0  # e = e_tgt exactly, with the fine-tuned denoiser: the one eta that needs no choosing
@@ -51,6 +51,7 @@ class RunSettings:
     strengths: tuple[float, ...]
     seeds: tuple[int, ...]
     fit_seed: int = 0
+    auto_eta: bool = False  # the lora units also run `--auto-eta` over their own etas (the `auto` method)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class CaseResult:
     settings: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
     input_png: bytes = b""
+    auto_eta: dict[str, Any] | None = None  # the auto method: the choice, its scores and UNet calls
 
 
 def _png(image: Image.Image) -> bytes:
@@ -106,7 +108,10 @@ def _restore(unet: torch.nn.Module, base: dict[str, torch.Tensor]) -> None:
 
 
 def run_imagic(method: str, cases: tuple[EditCase, ...], run: RunSettings) -> list[CaseResult]:
-    """Fit once per case (stages A and B), then sample every eta and seed from that one fit (stage C)."""
+    """Fit once per case (stages A and B), then sample every eta and seed from that one fit (stage C).
+
+    With `run.auto_eta` (lora only), auto-eta then judges those same stage C images: its chosen images become the
+    `auto` method's result for the case, its time the "eta" stage (what it adds to plain stage C)."""
     from imagic_lite.api import Imagic
     from imagic_lite.shapes import world
 
@@ -122,15 +127,24 @@ def run_imagic(method: str, cases: tuple[EditCase, ...], run: RunSettings) -> li
         imagic = Imagic(c, preset)
         image = world.render(case.source)
         bundle = imagic.fit(image, case.prompt, seed=run.fit_seed)
-        samples = imagic.generate(bundle, sample=sample)
+        auto = run.auto_eta and method == "lora"
+        samples = imagic.generate(bundle, sample=sample, auto_eta=auto)
         seconds = {r.stage: round(r.seconds, 3) for r in imagic.records}
         peaks = {r.stage: int(r.peak["peak_bytes"]) for r in imagic.records if r.peak}
-        result = CaseResult(case.id, case.kind, method, case.prompt, seconds, peaks, preset.to_dict(),
+        plain = {k: v for k, v in seconds.items() if k != "eta"}
+        result = CaseResult(case.id, case.kind, method, case.prompt, plain, peaks, preset.to_dict(),
                             input_png=_png(image))
         for s in samples:
             result.samples.append(_sample_record(case, "eta", s.eta, s.seed, s.image))
         results.append(result)
         _progress(method, case, result)
+        if auto:
+            chosen = CaseResult(case.id, case.kind, "auto", case.prompt, seconds, peaks, preset.to_dict(),
+                                input_png=result.input_png, auto_eta=imagic.eta_choice.to_dict()
+                                | {"stage_c_unet_calls": 2 * sample.steps * len(sample.etas) * len(sample.seeds)})
+            chosen.samples = [record for s, record in zip(samples, result.samples, strict=True) if s.chosen]
+            results.append(chosen)
+            _progress("auto", case, chosen)
     return results
 
 
@@ -225,10 +239,11 @@ def best_value(result: CaseResult, default: float) -> float:
     """The per-case oracle (the paper picks eta per image too): most edits that kept everything, then most
     successes, then most preserved; ties go to the value nearest the default."""
     table = _by_value(result)
-    return max(table, key=lambda v: (table[v]["both"], table[v]["success"], table[v]["preserved"], -abs(v - default)))
+    return max(table, key=lambda v: (table[v]["both"], table[v]["success"], table[v]["preserved"],
+                                     -abs(v - default) if default is not None else 0.0))
 
 
-def summarise(results: list[CaseResult], default: float) -> dict[str, Any]:
+def summarise(results: list[CaseResult], default: float | None) -> dict[str, Any]:
     """Success/preservation at the best value per case and at the default, per value, per kind; time and memory."""
     if not results:
         return {}
@@ -261,7 +276,16 @@ def summarise(results: list[CaseResult], default: float) -> dict[str, Any]:
         "sample_seconds_per_case": round(sum(r.seconds.get("C", 0.0) for r in results) / len(results), 2),
         "peak_rss_mb": round(max(peaks) / 2**20, 1),
         "stage_b_peak_rss_mb": round(max(r.peak_rss.get("B", 0) for r in results) / 2**20, 1) or None,
+        **(_search_cost(results) if results[0].auto_eta else {}),
     }
+
+
+def _search_cost(results: list[CaseResult]) -> dict[str, Any]:
+    """What auto-eta added to plain stage C in the same run: seconds and image-sized UNet evaluations per case."""
+    n = len(results)
+    return {"eta_seconds_per_case": round(sum(r.seconds.get("eta", 0.0) for r in results) / n, 2),
+            "eta_unet_calls_per_case": round(sum(r.auto_eta["unet_calls"] for r in results) / n, 1),
+            "stage_c_unet_calls_per_case": round(sum(r.auto_eta["stage_c_unet_calls"] for r in results) / n, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,7 +301,8 @@ def markdown(result: dict[str, Any]) -> str:
              f" ({result['device']['type']}, {result['device']['threads']} thread(s) per process)."
              f" Command: `{result['command']}`.", "",
              "Best = the eta (Imagic) or strength (SDEdit) per case that gives an edit with everything else kept;"
-             " default = one fixed value for every case.", "",
+             " default = one fixed value for every case. Auto-eta has one eta per case, its own choice (shown as"
+             " best).", "",
              "| method | cases | success (best) | preserved (best) | both (best) | default | success (default)"
              " | preserved (default) | both (default) | s/case | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -288,7 +313,8 @@ def markdown(result: dict[str, Any]) -> str:
         d = s["default"]
         pct = lambda x: "–" if x is None else f"{100 * x:.0f} %"  # noqa: E731
         lines.append(f"| {LABELS[name]} | {s['cases']} | {pct(s['best']['success'])} | {pct(s['best']['preserved'])}"
-                     f" | {pct(s['best']['both'])} | {d['value']} | {pct(d['success'])} | {pct(d['preserved'])}"
+                     f" | {pct(s['best']['both'])} | {d['value'] if d['value'] is not None else '–'}"
+                     f" | {pct(d['success'])} | {pct(d['preserved'])}"
                      f" | {pct(d['both'])} | {s['seconds_per_case']} | {s['peak_rss_mb']} |")
     for method in result["methods"].values():
         if method.get("on_subset"):
@@ -302,8 +328,8 @@ def markdown(result: dict[str, Any]) -> str:
         if not s:
             continue
         setting = "strength" if name == "sdedit" else "eta"
-        lines += ["", f"## {LABELS[name]}: per {setting}", "", f"| {setting} | success | preserved | both |",
-                  "|---|---|---|---|"]
+        lines += ["", f"## {LABELS[name]}: per {setting}" + (" it chose" if name == "auto" else ""), "",
+                  f"| {setting} | success | preserved | both |", "|---|---|---|---|"]
         for value, r in s["per_value"].items():
             lines.append(f"| {value} | {100 * r['success']:.0f} % | {100 * r['preserved']:.0f} % |"
                          f" {100 * r['both']:.0f} % |")
@@ -312,6 +338,12 @@ def markdown(result: dict[str, Any]) -> str:
         for kind, r in s["by_kind_at_best"].items():
             lines.append(f"| {kind} | {r['cases']} | {100 * r['success']:.0f} % | {100 * r['preserved']:.0f} % |"
                          f" {100 * r['both']:.0f} % |")
+        if "eta_seconds_per_case" in s:
+            lines += ["", f"Cost of the search, per case in this run: {s['eta_seconds_per_case']} s on top of "
+                      f"stage C's "
+                      f"{s['sample_seconds_per_case']} s; {s['eta_unet_calls_per_case']} image-sized UNet evaluations "
+                      f"on top of stage C's {s['stage_c_unet_calls_per_case']}. Chosen etas: "
+                      + ", ".join(f"{v} in {n}" for v, n in s["best"]["chosen"].items() if n) + "."]
     if result.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -444,27 +476,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if "auto" in methods and "lora" not in methods:  # auto-eta judges the lora method's own stage C images
+        methods.insert(methods.index("auto"), "lora")
     suite = build_suite(args.suite_seed, args.per_kind)
     chosen = select(suite, args.only, args.kinds)
     chosen = subset(chosen, args.cases) if args.cases else chosen
     cases = {m: subset(chosen, args.full_cases) if m == "full" else chosen for m in methods}
     run = RunSettings(args.model, args.preset, overrides_from(args.set, args.quick),
                       tuple(float(v) for v in args.etas.split(",")),
-                      tuple(float(v) for v in args.strengths.split(",")), tuple(int(v) for v in args.seeds.split(",")))
-    defaults = {"lora": args.default_eta, "full": args.default_eta, "sdedit": args.default_strength}
+                      tuple(float(v) for v in args.strengths.split(",")), tuple(int(v) for v in args.seeds.split(",")),
+                      auto_eta="auto" in methods)
+    defaults = {"lora": args.default_eta, "auto": None, "full": args.default_eta, "sdedit": args.default_strength}
     started = time.perf_counter()
-    units = plan_units(cases, args.jobs)
+    units = plan_units({m: c for m, c in cases.items() if m != "auto"}, args.jobs)  # auto rides on lora's units
     print(f"{sum(len(c) for c in cases.values())} case runs in {len(units)} units on {args.jobs} process(es): "
           + ", ".join(f"{m} {len(c)}" for m, c in cases.items()), flush=True)
     results: dict[str, list[CaseResult]] = {m: [] for m in methods}
     if args.jobs == 1:
-        for method, part in units:
-            results[method] += run_unit(method, part, run)
+        done = [run_unit(method, part, run) for method, part in units]
     else:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [(method, pool.submit(run_unit, method, part, run)) for method, part in units]
-            for method, future in futures:
-                results[method] += future.result()
+            futures = [pool.submit(run_unit, method, part, run) for method, part in units]
+            done = [future.result() for future in futures]
+    for result in (r for unit in done for r in unit):
+        results[result.method].append(result)
     order = {c.id: i for i, c in enumerate(suite)}
     for method in methods:
         results[method].sort(key=lambda r: order[r.case])

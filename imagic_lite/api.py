@@ -26,6 +26,7 @@ from .config import (
     read_toml,
 )
 from .errors import ConfigError, Interrupted
+from .eta import AutoEtaSettings, choose_eta, make_judge
 from .imagic import Progress, Sample, StageState, StopFlag, _no_progress, finetune, generate, optimize_embedding
 from .models import DEFAULT_MODEL, Components, Cond, encode, encode_text, load_components, pick_device, resolve_model
 
@@ -142,6 +143,7 @@ class Imagic:
         self.notes = list(notes or []) + components.notes
         self.records: list[StageRecord] = []
         self._applied: object | None = None  # the bundle whose weights are in the UNet
+        self.eta_choice = None  # set by generate(auto_eta=...)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, preset: str | Preset | None = None, *,
@@ -244,8 +246,12 @@ class Imagic:
         return bundle
 
     def generate(self, bundle=None, *, sample: SampleSettings | None = None, progress: Progress = _no_progress,
-                 stop: StopFlag | None = None) -> list[Sample]:
-        """Stage C for `bundle` (default: the one `fit` produced) with the preset's or the given sample settings."""
+                 stop: StopFlag | None = None, auto_eta: bool | str | AutoEtaSettings = False) -> list[Sample]:
+        """Stage C for `bundle` (default: the one `fit` produced) with the preset's or the given sample settings.
+
+        With `auto_eta` (True: the built-in judge; "clip:PATH"; or AutoEtaSettings) the rendered etas are judged
+        and refined after stage C ("eta" stage); the chosen samples have `chosen=True` and `self.eta_choice` says
+        which eta and why."""
         from .bundle import apply_bundle, bundle_original_size
 
         c = self.components
@@ -261,9 +267,25 @@ class Imagic:
         settings = sample or self.preset.sample
         height, width = int(bundle.meta["height"]), int(bundle.meta["width"])
         original = bundle_original_size(bundle.meta)
-        return self._stage("C", settings.steps * len(settings.etas) * len(settings.seeds), lambda: generate(
+        samples = self._stage("C", settings.steps * len(settings.etas) * len(settings.seeds), lambda: generate(
             c, bundle.e_tgt, bundle.e_opt, self._uncond, settings, height, width, progress=progress, stop=stop,
             original=original))
+        self.eta_choice = None
+        if auto_eta is False:
+            return samples
+        auto = auto_eta if isinstance(auto_eta, AutoEtaSettings) else \
+            AutoEtaSettings(judge="diffusion" if auto_eta is True else str(auto_eta))
+
+        def search():
+            judge, name, calls = make_judge(c, bundle.e_tgt, bundle.e_opt, bundle.meta.get("prompt", ""), auto,
+                                            original)
+            return choose_eta(c, bundle.e_tgt, bundle.e_opt, self._uncond, settings, height, width, samples, judge,
+                              calls, name, auto, progress=progress, stop=stop, original=original)
+
+        choice = self._stage("eta", 0, search)
+        self.records[-1].steps = choice.unet_calls
+        self.eta_choice = choice
+        return [replace(s, chosen=s.eta == choice.eta) for s in samples]
 
     def report(self) -> dict[str, Any]:
         """What run.json records: settings, versions, device, and per stage seconds and peak memory."""
@@ -273,6 +295,7 @@ class Imagic:
             "prediction_type": c.prediction_type, "native_resolution": c.native, "preset": self.preset.to_dict(),
             "device": device_info(c.device), "compute_dtype": str(c.dtype).replace("torch.", ""),
             "versions": versions(), "notes": self.notes, "stages": [asdict(r) for r in self.records],
+            **({"auto_eta": self.eta_choice.to_dict()} if self.eta_choice else {}),
         }
 
 

@@ -76,18 +76,22 @@ def denoising_loss(c: Components, latent: torch.Tensor, cond: Cond, generator: t
     t = torch.randint(0, c.num_train_timesteps, (draws,), generator=generator).to(c.device)
     x0 = latent.to(c.device).expand(draws, -1, -1, -1)
     noisy = c.scheduler.add_noise(x0, noise, t)
-    if c.prediction_type == "epsilon":
-        target = noise
-    elif c.prediction_type == "v_prediction":
-        target = c.scheduler.get_velocity(x0, noise, t)
-    elif c.prediction_type == "sample":
-        target = x0
-    else:
-        raise ConfigError(f"unsupported prediction type {c.prediction_type!r}")
+    target = prediction_target(c, x0, noise, t)
     height, width = latent.shape[-2] * c.vae_scale, latent.shape[-1] * c.vae_scale
     with c.autocast():
         pred = c.unet(noisy, t, **unet_kwargs(c, cond.repeat(draws), height, width, original)).sample
     return F.mse_loss(pred.float(), target.float())
+
+
+def prediction_target(c: Components, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict at (x0, noise, t): noise, velocity or the clean latent, per the scheduler."""
+    if c.prediction_type == "epsilon":
+        return noise
+    if c.prediction_type == "v_prediction":
+        return c.scheduler.get_velocity(x0, noise, t)
+    if c.prediction_type == "sample":
+        return x0
+    raise ConfigError(f"unsupported prediction type {c.prediction_type!r}")
 
 
 def _check_finite(loss: torch.Tensor, stage: str, step: int, c: Components) -> None:
@@ -215,6 +219,7 @@ class Sample:
     eta: float
     seed: int
     image: Any  # PIL.Image.Image
+    chosen: bool = False  # the eta auto-eta picked (eta.choose_eta)
 
 
 @torch.no_grad()
