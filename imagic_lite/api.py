@@ -77,10 +77,11 @@ def _parse_vram(vram: str) -> float:
     return gb
 
 
-def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, overrides: dict[str, Any]) -> Preset:
+def resolve_settings(model_dir: Path | None, preset: Preset, config_file: str | None,
+                     overrides: dict[str, Any]) -> Preset:
     """defaults < preset < the model's recommendations < --config file < flags."""
-    recommended = model_dir / MODEL_RECOMMENDATIONS
-    if recommended.is_file():
+    recommended = model_dir / MODEL_RECOMMENDATIONS if model_dir is not None else None
+    if recommended is not None and recommended.is_file():
         data, text = read_toml(recommended)
         preset = apply_overrides(preset, data, str(recommended), text)
     if config_file:
@@ -89,6 +90,15 @@ def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, o
     if overrides:
         preset = apply_overrides(preset, overrides, "command-line flags")
     return preset
+
+
+def check_settings(model: str, preset: str | None, vram: str | None, device: str | None,
+                   config_file: str | None, overrides: dict[str, Any]) -> None:
+    """The settings checks of `from_pretrained` that need no model: a bad --device, --vram, --preset, --config or
+    flag fails (exit 2) before the output folder is looked at and before any download."""
+    pick_device(device)
+    chosen, _ = choose_preset(preset, vram, torch.device("cpu"), model)  # as on a CPU: no free-memory probe
+    resolve_settings(None, chosen, config_file, overrides)
 
 
 @dataclass
