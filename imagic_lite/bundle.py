@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .errors import BundleError, InputError, OutputError
+from .config import Preset, SampleSettings, apply_overrides
+from .errors import BundleError, ConfigError, InputError, OutputError
 from .files import atomic_path
 from .models import FAMILIES, Components, Cond
 
@@ -195,6 +196,7 @@ def _check_meta(meta: dict[str, str]) -> tuple[str, str, dict | None]:
         raise BundleError("metadata 'created' is not an ISO 8601 date") from None
     for key in ("settings", "versions"):
         _json(meta, key)
+    stored_sample(meta)
     mode = meta["tune_mode"]
     if mode == "lora":
         if "lora_config" not in meta:
@@ -203,6 +205,20 @@ def _check_meta(meta: dict[str, str]) -> tuple[str, str, dict | None]:
     if mode != "full":
         raise BundleError(f"unknown tune mode {mode[:20]!r} (known: lora, full)")
     return mode, meta["family"], None
+
+
+def stored_sample(meta: dict[str, str]) -> SampleSettings:
+    """The stage C settings the run used, which `edit` starts from; checked like a TOML [sample] table.
+
+    Keys this version does not know are skipped, so a newer imagic-lite's bundle still edits."""
+    sample = _json(meta, "settings").get("sample", {})
+    if not isinstance(sample, dict):
+        raise BundleError("metadata 'settings' has a 'sample' that is not a JSON object")
+    known = {k: v for k, v in sample.items() if k in SampleSettings.__dataclass_fields__}
+    try:
+        return apply_overrides(Preset(), {"sample": known}, "metadata 'settings'").sample
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _check_layout(entries: dict[str, _Entry], mode: str, family: str, lora: dict | None) -> None:

@@ -55,10 +55,12 @@ def _numbers(text: str | None, name: str, kind: type = float) -> tuple | None:
 
 
 def _overrides(**flags: Any) -> dict[str, dict[str, Any]]:
-    """Flags as a TOML-shaped table, so they are validated by the same code as preset files."""
+    """Flags as a TOML-shaped table, so they are validated by the same code as preset files.
+
+    --tune-lr is not here: which rate it sets depends on the mode after every layer (api.resolve_settings)."""
     where = {
         "embed_steps": ("embed", "steps"), "embed_lr": ("embed", "lr"), "tune_steps": ("tune", "steps"),
-        "tune_lr": ("tune", None), "rank": ("tune", "rank"), "mode": ("tune", "mode"),
+        "rank": ("tune", "rank"), "mode": ("tune", "mode"),
         "sample_steps": ("sample", "steps"), "guidance": ("sample", "guidance"), "etas": ("sample", "etas"),
         "seeds": ("sample", "seeds"), "batch": ("sample", "batch"),
     }
@@ -67,8 +69,6 @@ def _overrides(**flags: Any) -> dict[str, dict[str, Any]]:
         if value is None:
             continue
         section, key = where[flag]
-        if flag == "tune_lr":
-            key = "full_lr" if flags.get("mode") == "full" else "lora_lr"
         table.setdefault(section, {})[key] = list(value) if isinstance(value, tuple) else value
     return table
 
@@ -138,7 +138,7 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
     if seed < 0:
         raise InputError(f"--seed must be >= 0, got {seed}")
     overrides = _overrides(
-        embed_steps=embed_steps, embed_lr=embed_lr, tune_steps=tune_steps, tune_lr=tune_lr, rank=rank, mode=mode,
+        embed_steps=embed_steps, embed_lr=embed_lr, tune_steps=tune_steps, rank=rank, mode=mode,
         sample_steps=sample_steps, guidance=guidance, etas=_numbers(etas, "--etas"),
         seeds=_numbers(seeds, "--seeds", int), batch=batch,
     )
@@ -149,12 +149,14 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
     from .models import DEFAULT_MODEL
 
     # Options and settings first (exit 2), the output folder last before the work (exit 7).
-    check_settings(model or DEFAULT_MODEL, preset, vram, device, str(config_file) if config_file else None, overrides)
+    check_settings(model or DEFAULT_MODEL, preset, vram, device, str(config_file) if config_file else None, overrides,
+                   tune_lr)
     out = prepare_out_dir(out or Path("imagic-out") / stem, overwrite=overwrite, resume=resume)
 
     console = _console()
     imagic = Imagic.from_pretrained(model or DEFAULT_MODEL, preset, vram=vram, device=device,
                                     config_file=str(config_file) if config_file else None, overrides=overrides,
+                                    tune_lr=tune_lr,  # for the final mode: a preset or --config may choose full
                                     chatter=ctx.obj["debug"])
     imagic.notes[:0] = list(loaded.notes)
     _print_notes(console, imagic.notes)
@@ -230,16 +232,14 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     """Stage C only: new etas and seeds from a saved bundle, no input image, no training."""
     from dataclasses import replace
 
-    from .bundle import check_compatible, load_bundle
-    from .config import SampleSettings
+    from .bundle import check_compatible, load_bundle, stored_sample
     from .imagic import StopFlag
     from .outputs import prepare_out_dir, write_run_json, write_samples
     from .progress import StageProgress
 
     bundle = load_bundle(bundle_path)
     stem = bundle_path.name.split(".imagic")[0] or "bundle"
-    stored = json.loads(bundle.meta.get("settings", "{}")).get("sample", {})
-    base = SampleSettings(**{k: v for k, v in stored.items() if k in SampleSettings.__dataclass_fields__})
+    base = stored_sample(bundle.meta)
     flags = {"etas": _numbers(etas, "--etas"), "seeds": _numbers(seeds, "--seeds", int), "steps": sample_steps,
              "guidance": guidance, "batch": batch}
     sample = replace(base, **{k: v for k, v in flags.items() if v is not None})

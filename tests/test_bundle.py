@@ -241,6 +241,12 @@ CASES = {
     "escape codes in prompt": (lambda g, p: resave(g, p, meta=with_meta(prompt="\x1b[2Jhi")), "control characters"),
     "prompt too long": (lambda g, p: resave(g, p, meta=with_meta(prompt="a" * 5000)), "longer than"),
     "settings not JSON": (lambda g, p: resave(g, p, meta=with_meta(settings="{oops")), "not valid JSON"),
+    "stored etas not numbers": (lambda g, p: resave(g, p, meta=with_meta(settings=json.dumps(
+        {"sample": {"etas": ["a"]}}))), "key 'sample.etas', item 1: expected a number"),
+    "stored seeds negative": (lambda g, p: resave(g, p, meta=with_meta(settings=json.dumps(
+        {"sample": {"seeds": [-1]}}))), "seeds must be integers"),
+    "stored sample not an object": (lambda g, p: resave(g, p, meta=with_meta(settings='{"sample": 3}')),
+                                    "'sample' that is not a JSON object"),
     "versions a JSON list": (lambda g, p: resave(g, p, meta=with_meta(versions="[1]")), "must be a JSON object"),
     "unknown family": (lambda g, p: resave(g, p, meta=with_meta(family="flux")), "unknown model family"),
     "unknown tune mode": (lambda g, p: resave(g, p, meta=with_meta(tune_mode="dora")), "unknown tune mode"),
