@@ -168,10 +168,17 @@ def resolve_model(model: str) -> Path:
         ) from None
 
 
-# Only what we load: hub repos also hold multi-GB single-file checkpoints, EMA and fp16 copies, .bin files.
+# Exactly what we load (the non-variant safetensors, single or sharded with its index): hub repos also hold
+# multi-GB single-file checkpoints, `.fp16`/`.non_ema` variant copies and .bin files, which we never read.
+# huggingface_hub matches these with fnmatch, where `*` also matches `.`: a `*` next to the stem would take
+# `diffusion_pytorch_model.fp16.safetensors` too, so shard numbers are spelled out (5 digits, as every writer does).
+_SHARD = "-" + "[0-9]" * 5 + "-of-" + "[0-9]" * 5 + ".safetensors"
 HUB_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*",
-                "unet/diffusion_pytorch_model*.safetensors*", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder*/model*.safetensors*")
+                "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
+                "unet/diffusion_pytorch_model" + _SHARD,
+                "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder*/model.safetensors", "text_encoder*/model.safetensors.index.json",
+                "text_encoder*/model" + _SHARD)
 
 
 def download_command(model: str) -> str:
@@ -252,10 +259,30 @@ def _build_random(path: Path, family: Family) -> tuple:
     return unet, vae, encoders, [tokenizer] * family.text_encoders, scheduler
 
 
+def loaded_unet_files(folder: Path) -> list[Path]:
+    """The UNet weight files diffusers loads from `folder` (no variant, safetensors): the shards an index names
+    when the index exists (diffusers prefers it), else the single file; [] when neither is there or the index
+    is unusable (loading then fails or falls back, and the in-memory fingerprint applies)."""
+    import json
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+        if not all(isinstance(n, str) and n == Path(n).name and (folder / n).is_file() for n in names):
+            return []
+        return [folder / n for n in sorted(names)]
+    single = folder / "diffusion_pytorch_model.safetensors"
+    return [single] if single.is_file() else []
+
+
 def file_fingerprint(folder: Path) -> str | None:
-    """Identity of a UNet checkpoint from its safetensors files: header plus 4096 strided 16-byte samples of the
-    data, so it does not depend on the dtype we load into and costs milliseconds even for SDXL's 10 GB file."""
-    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    """Identity of a UNet checkpoint from the safetensors files we load (`loaded_unet_files`; a `.fp16` or
+    `.non_ema` copy beside them changes nothing): header plus 4096 strided 16-byte samples of the data, so it does
+    not depend on the dtype we load into and costs milliseconds even for SDXL's 10 GB file."""
+    files = loaded_unet_files(folder)
     if not files:
         return None
     digest = hashlib.sha256()
