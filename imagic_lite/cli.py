@@ -144,10 +144,14 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
     )
     loaded = load_image(image)  # before the model: a bad file should fail in a second, not after loading
     stem = image.stem.replace(".", "_") or "image"
-    out = prepare_out_dir(out or Path("imagic-out") / stem, overwrite=overwrite, resume=resume)
     _quiet_libraries(ctx.obj["debug"])
-    from .api import Imagic
+    from .api import Imagic, check_settings
     from .models import DEFAULT_MODEL
+
+    # Options and settings first (exit 2), the output folder last before the work (exit 7).
+    check_settings(model or DEFAULT_MODEL, preset, vram, device, str(config_file) if config_file else None, overrides,
+                   tune_lr)
+    out = prepare_out_dir(out or Path("imagic-out") / stem, overwrite=overwrite, resume=resume)
 
     console = _console()
     imagic = Imagic.from_pretrained(model or DEFAULT_MODEL, preset, vram=vram, device=device,
@@ -235,19 +239,20 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
 
     bundle = load_bundle(bundle_path)
     stem = bundle_path.name.split(".imagic")[0] or "bundle"
-    out = prepare_out_dir(out or Path("imagic-out") / f"{stem}-edit", overwrite=overwrite)
+    base = stored_sample(bundle.meta)
+    flags = {"etas": _numbers(etas, "--etas"), "seeds": _numbers(seeds, "--seeds", int), "steps": sample_steps,
+             "guidance": guidance, "batch": batch}
+    sample = replace(base, **{k: v for k, v in flags.items() if v is not None})
     _quiet_libraries(ctx.obj["debug"])
-    from .api import Imagic
+    from .api import Imagic, check_settings
 
+    check_settings(model or bundle.meta["base_model"], preset, vram, device, None, {})  # before the folder check
+    out = prepare_out_dir(out or Path("imagic-out") / f"{stem}-edit", overwrite=overwrite)
     console = _console()
     imagic = Imagic.from_pretrained(model or bundle.meta["base_model"], preset, vram=vram, device=device,
                                     chatter=ctx.obj["debug"])
     warnings_ = check_compatible(bundle, imagic.components, force=force)
     _print_notes(console, imagic.notes + warnings_)
-    base = stored_sample(bundle.meta)
-    flags = {"etas": _numbers(etas, "--etas"), "seeds": _numbers(seeds, "--seeds", int), "steps": sample_steps,
-             "guidance": guidance, "batch": batch}
-    sample = replace(base, **{k: v for k, v in flags.items() if v is not None})
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
         samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop)
     prompt = bundle.meta.get("prompt", "")

@@ -44,3 +44,63 @@ def test_loading_prints_nothing_unless_asked(tiny_sd, capfd, caplog, chatter):
         assert "(inside)" in printed and "Loading weights" in printed
     else:
         assert "(inside)" not in printed and "Loading weights" not in printed and "float32" not in printed
+
+
+FAST = ["--embed-steps", "2", "--tune-steps", "2", "--sample-steps", "2", "--etas", "1.0", "--quiet"]
+
+
+def invoke(capsys, *args) -> tuple[int, str]:
+    from imagic_lite.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize(("args", "code_", "fragment"), [
+    (["--vram", "3"], 2, "below the smallest preset"),
+    (["--preset", "huge"], 2, "unknown preset"),
+    (["--etas", "9"], 2, "etas must be within"),
+    ([], 7, "already has files"),
+])
+def test_settings_are_checked_before_the_output_folder(photo, tmp_path, capsys, tiny_sd, args, code_, fragment):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "run.json").write_text("{}")  # a folder a finished run left
+    code, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", out, "--quiet", *args)
+    assert code == code_ and fragment in err, err
+
+
+def test_a_failed_check_leaves_no_empty_folder(photo, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper"
+    code, err = invoke(capsys, "run", photo, "a dog", "--model", "nobody/no-such-model", "--out", out)
+    assert code == 3 and "not on this machine" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_guidance(photo, tmp_path, capsys, tiny_sd):
+    """Each message leads to a command that works: --resume for a checkpoint, --overwrite past a foreign one, and
+    --resume without a checkpoint is refused instead of silently starting over."""
+    from imagic_lite.checkpoint import CHECKPOINT_NAME, save_checkpoint
+    from imagic_lite.imagic import StageState
+
+    run = ["run", photo, "a dog", "--model", tiny_sd, *FAST]
+    code, err = invoke(capsys, *run, "--out", tmp_path / "none", "--resume")
+    assert code == 2 and "no interrupted run" in err and "without --resume" in err, err
+    assert not (tmp_path / "none").exists()
+
+    out = tmp_path / "cut"
+    save_checkpoint(out / CHECKPOINT_NAME, StageState("A", 1, {}, {}, {}), "another run", None)
+    code, err = invoke(capsys, *run, "--out", out)
+    assert code == 7 and "continue it with --resume" in err, err
+    code, err = invoke(capsys, *run, "--out", out, "--resume")
+    assert code == 2 and "different image" in err and "--overwrite instead of --resume" in err, err
+    code, err = invoke(capsys, *run, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert not (out / CHECKPOINT_NAME).exists()
+    code, err = invoke(capsys, *run, "--out", out, "--resume")
+    assert code == 2 and "imagic-lite edit" in err, err
+    code, err = invoke(capsys, "edit", out / "photo.imagic.safetensors", "--out", out, "--vram", "3")
+    assert code == 2 and "below the smallest preset" in err, err  # edit, too, checks settings before the folder
