@@ -88,20 +88,39 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _etas_default() -> str:
+    """What --etas defaults to, read from the settings (defaults and the shapes model's TOML), for --help."""
+    from .config import SampleSettings, tomllib
+
+    shapes = Path(__file__).parent / "shapes" / "model" / "imagic-lite.toml"
+    try:
+        shapes_etas = tomllib.loads(shapes.read_text())["sample"]["etas"]
+    except (OSError, KeyError, ValueError):
+        shapes_etas = []
+    numbers = ",".join(str(float(e)) for e in SampleSettings().etas)
+    return f"{numbers}; --model shapes {','.join(str(float(e)) for e in shapes_etas)}; edit: the bundle's"
+
+
 def _common_sample_options(fn):
+    from .config import DEFAULT_MODEL
+
     for option in reversed([
-        click.option("--etas", help="Interpolation weights, e.g. 0.6,0.7,0.8 (e = eta*e_tgt + (1-eta)*e_opt)."),
+        click.option("--etas", show_default=_etas_default(),
+                     help="Interpolation weights, e.g. 0.6,0.7,0.8 (e = eta*e_tgt + (1-eta)*e_opt)."),
         click.option("--seeds", help="Sampling seeds, e.g. 0,1,2."),
         click.option("--sample-steps", type=int, help="DDIM steps in stage C."),
         click.option("--guidance", type=float, help="Classifier-free guidance scale."),
         click.option("--batch", type=int, help="Images per UNet call in stage C."),
-        click.option("--model", help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
+        click.option("--model", show_default=f"{DEFAULT_MODEL}; edit: the bundle's base model",
+                     help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
         click.option("--vram", help="GB of GPU memory to plan for (picks the fastest preset that fits), or auto."),
         click.option("--preset", help="Preset name (see `imagic-lite presets`) or TOML file; overrides --vram."),
         click.option("--device", help="Torch device, e.g. cuda:1 or cpu (default: cuda if present)."),
-        click.option("--out", type=click.Path(path_type=Path), help="Output folder."),
+        click.option("--out", type=click.Path(path_type=Path), show_default="imagic-out/IMAGE-NAME; edit: "
+                     "imagic-out/BUNDLE-NAME-edit", help="Output folder."),
         click.option("--overwrite", is_flag=True, help="Replace files in an existing output folder."),
-        click.option("--quiet", is_flag=True, help="No progress display."),
+        click.option("--quiet", is_flag=True, help="No progress display and no stage table: notes, warnings and "
+                     "the output folder only."),
         click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout."),
     ]):
         fn = option(fn)
@@ -193,12 +212,15 @@ def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, 
     report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
               "bundle_bytes": size, "outputs": [str(f) for f in files]}
     run_json = write_run_json(out, report)
-    _summary(report, [bundle_path, *files, run_json], json_out)
+    _summary(report, [bundle_path, *files, run_json], json_out, quiet)
 
 
-def _summary(report: dict[str, Any], files: list[Path], json_out: bool) -> None:
+def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: bool = False) -> None:
     if json_out:
         click.echo(json.dumps(report, indent=2, default=str))
+        return
+    if quiet:  # no stage table: one line saying where the results are
+        _console(stderr=False).print(f"output: {files[0].parent}")
         return
     from rich.table import Table
 
@@ -262,7 +284,40 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path), "outputs": [str(f) for f in files]}
     report["preset"]["sample"] = sample.__dict__
     run_json = write_run_json(out, report)
-    _summary(report, [*files, run_json], json_out)
+    _summary(report, [*files, run_json], json_out, quiet)
+
+
+# What a reader looks for first; anything else follows in name order.
+INFO_ORDER = ("prompt", "base_model", "family", "prediction_type", "width", "height", "original_width",
+              "original_height", "preset", "tune_mode", "seed", "created", "settings", "lora_config", "versions",
+              "unet_fingerprint", "format", "format_version")
+
+
+def _ordered_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """Bundle metadata in INFO_ORDER, with the values stored as JSON text (settings, lora_config, versions, ...)
+    decoded into objects."""
+    def value(key: str, text: str) -> Any:
+        if text[:1] in "{[" and "prompt" not in key:
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text
+        return text
+
+    keys = [k for k in INFO_ORDER if k in meta] + sorted(k for k in meta if k not in INFO_ORDER)
+    return {k: value(k, meta[k]) for k in keys}
+
+
+def _flat(value: Any, prefix: str = "") -> str:
+    """A decoded metadata value as `section.key = value` lines, whole (no cut)."""
+    if isinstance(value, dict) and value:
+        return "\n".join(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else f"{prefix}{k} = {_scalar(v)}"
+                         for k, v in value.items())
+    return _scalar(value)
+
+
+def _scalar(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 @cli.command(epilog=EXIT_HELP)
@@ -273,6 +328,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     from .bundle import describe
 
     data = describe(bundle_path)
+    data["metadata"] = _ordered_metadata(data["metadata"])
     if json_out:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -285,7 +341,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     from rich.text import Text
 
     for key, value in data["metadata"].items():  # Text(): a stranger's prompt must not be read as rich markup
-        meta.add_row(Text(key), Text(value if len(value) < 400 else value[:400] + "…"))
+        meta.add_row(Text(key), Text(_flat(value)))
     console.print(meta)
     tensors = Table(title="tensors")
     for col in ("group", "count", "dtype", "shape (first)", "bytes"):
