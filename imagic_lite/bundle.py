@@ -425,8 +425,18 @@ def describe(path: str | Path, *, max_bytes: int | None = None) -> dict[str, Any
         group = groups.setdefault(key, {"group": key, "count": 0, "dtype": e.dtype, "shape": e.shape, "bytes": 0})
         group["count"] += 1
         group["bytes"] += e.nbytes
+    thumbnail = list(entries["thumbnail"].shape) if "thumbnail" in entries else None
     return {"path": str(path), "file_bytes": path.stat().st_size, "metadata": meta, "tensors": rows,
-            "groups": list(groups.values()), "tensor_bytes": sum(e.nbytes for e in entries.values())}
+            "groups": list(groups.values()), "tensor_bytes": sum(e.nbytes for e in entries.values()),
+            "thumbnail": thumbnail, "privacy": privacy_note(thumbnail is not None)}
+
+
+def privacy_note(thumbnail: bool) -> str:
+    """What sharing a bundle gives away: e_opt and the tuned weights were fit to the photo, so eta 0 redraws it."""
+    held = ("a thumbnail of the input photo, and its e_opt and tuned weights" if thumbnail else
+            "no thumbnail, but its e_opt and tuned weights")
+    return (f"this bundle holds {held} reproduce the photo at eta 0: sharing the bundle (or an export of it) "
+            "shares the photo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -552,6 +562,25 @@ def export(bundle: Bundle, to: str, outdir: str | Path, *, name: str = "imagic",
         with atomic_path(target) as tmp:
             write(bundle, tmp)
     return list(plan)
+
+
+KOHYA_BLOCKS = ("down_blocks.", "up_blocks.", "mid_block.")  # where sd-scripts builds LoRA modules
+
+
+def export_warnings(bundle: Bundle, to: str) -> list[str]:
+    """What an export will not do everywhere, one line each, for the caller to show (the library never prints).
+
+    kohya sd-scripts builds LoRA modules only inside the UNet's transformer/resnet/up/downsample blocks, so LoRA
+    on conv_in, conv_out or the time/label embeddings is dropped there without a word; ComfyUI and diffusers load
+    it (FIELD-NOTES §5)."""
+    if to != "kohya" or bundle.mode != "lora":
+        return []
+    modules = sorted({k.split(".lora_")[0] for k in bundle.weights if not k.startswith(KOHYA_BLOCKS)})
+    if not modules:
+        return []
+    shown = ", ".join(modules[:8]) + (f" and {len(modules) - 8} more" if len(modules) > 8 else "")
+    return [f"kohya sd-scripts silently drops the LoRA on {shown} (outside its attention/resnet blocks); "
+            "ComfyUI and diffusers load it, so the edit differs there"]
 
 
 def _shareable(meta: dict[str, str]) -> dict[str, str]:

@@ -349,6 +349,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     for row in data["groups"]:
         tensors.add_row(Text(row["group"]), str(row["count"]), row["dtype"], str(row["shape"]), f"{row['bytes']:,}")
     console.print(tensors)
+    console.print(f"[yellow]privacy:[/] {data['privacy']}")
 
 
 @cli.command(epilog=EXIT_HELP)
@@ -361,12 +362,15 @@ def export(bundle_path: Path, outdir: Path, to: str, overwrite: bool) -> None:
     import re
 
     from .bundle import export as export_bundle
-    from .bundle import load_bundle
+    from .bundle import export_warnings, load_bundle
 
     name = re.sub(r"[^A-Za-z0-9._-]", "_", bundle_path.name.split(".imagic")[0]) or "imagic"
-    files = export_bundle(load_bundle(bundle_path), to, outdir, name=name, overwrite=overwrite)
+    bundle = load_bundle(bundle_path)
+    files = export_bundle(bundle, to, outdir, name=name, overwrite=overwrite)
     for f in files:
         click.echo(str(f))
+    for line in export_warnings(bundle, to):
+        click.echo(f"warning: {line}", err=True)
 
 
 @cli.command(epilog=EXIT_HELP)

@@ -543,6 +543,17 @@ SGM_LORA = {"r": 4, "lora_alpha": 2.0, "target_modules": [
     "conv_out", "time_embedding.linear_1", "add_embedding.linear_2"]}
 
 
+def test_export_warns_about_modules_kohya_sd_scripts_drops(models):
+    from imagic_lite.bundle import export_warnings
+
+    wide = make_bundle(models["sdxl"], lora=SGM_LORA)
+    (line,) = export_warnings(wide, "kohya")
+    for module in ("conv_in", "conv_out", "time_embedding.linear_1", "add_embedding.linear_2"):
+        assert module in line
+    assert "to_q" not in line and "conv1" not in line and "down_blocks" not in line
+    assert export_warnings(wide, "diffusers") == [] and export_warnings(make_bundle(models["sdxl"]), "kohya") == []
+
+
 @pytest.mark.parametrize("lora", [LORA, SGM_LORA], ids=["attention", "every-module-kind"])
 def test_export_sdxl_kohya_matches_diffusers_export(models, tiny_models, tmp_path, lora):
     from safetensors import safe_open
