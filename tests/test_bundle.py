@@ -604,3 +604,27 @@ def test_bundle_size_sd15_under_4mb():
     spec.loader.exec_module(module)
     result = module.measure()
     assert result["tensors"] == 2 + 2 * 128 + 1 and result["bytes_with_thumbnail"] < 4 * 2**20
+
+
+# Library features the code relies on, with the first release that has them (read from the released wheels).
+NEEDS = {("diffusers", "0.34"): "StableDiffusionLoraLoaderMixin.save_lora_weights(unet_lora_adapter_metadata=...), "
+                                "which carries the real lora_alpha into the diffusers export"}
+
+
+def test_setup_cfg_allows_no_release_without_what_export_uses():
+    import configparser
+    import inspect
+
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).parent.parent / "setup.cfg")
+    lines = [line.strip() for line in cfg["options"]["install_requires"].splitlines() if line.strip()]
+    pins = {r.name: r.specifier for r in map(Requirement, lines)}
+    for (package, first), why in NEEDS.items():
+        lowest = min(Version(s.version) for s in pins[package] if s.operator == ">=")
+        assert lowest >= Version(first), f"setup.cfg allows {package} {lowest}, but the code uses {why} ({first})"
+    save = inspect.signature(StableDiffusionLoraLoaderMixin.save_lora_weights)
+    assert "unet_lora_adapter_metadata" in save.parameters  # the installed diffusers has it too
