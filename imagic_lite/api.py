@@ -86,7 +86,7 @@ def _parse_vram(vram: str) -> float:
     return gb
 
 
-def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, overrides: dict[str, Any], *,
+def resolve_settings(model_dir: Path | None, preset: Preset, config_file: str | None, overrides: dict[str, Any], *,
                      family: str | None = None, tune_lr: float | None = None) -> Preset:
     """defaults < preset < the model's recommendations < --config file < flags, for the model's family.
 
@@ -99,8 +99,8 @@ def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, o
         family = detect_family(model_dir).name
     settings = preset.for_family(family)
     layers: list[tuple[dict[str, Any], str, str]] = []
-    recommended = model_dir / MODEL_RECOMMENDATIONS
-    if recommended.is_file():
+    recommended = model_dir / MODEL_RECOMMENDATIONS if model_dir is not None else None  # None: not local yet
+    if recommended is not None and recommended.is_file():
         layers.append((*read_toml(recommended), str(recommended)))
     if config_file:
         layers.append((*read_toml(Path(config_file)), config_file))
@@ -112,6 +112,18 @@ def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, o
         key = "full_lr" if settings.tune.mode == "full" else "lora_lr"
         settings = apply_overrides(settings, {"tune": {key: tune_lr}}, "--tune-lr")
     return check_resolved(settings)
+
+
+def check_settings(model: str, preset: str | None, vram: str | None, device: str | None,
+                   config_file: str | None, overrides: dict[str, Any], tune_lr: float | None = None) -> None:
+    """The settings checks of `from_pretrained` that need no download: a bad --device, --vram, --preset, --config
+    or flag fails (exit 2) before the output folder is looked at. A model already on disk adds its own TOML and
+    family; a hub id is checked as SD 1/2 (the family tables are validated either way)."""
+    pick_device(device)
+    chosen, _ = choose_preset(preset, vram, torch.device("cpu"), model)  # as on a CPU: no free-memory probe
+    local = model == "shapes" or model.startswith("arch:") or Path(model).expanduser().exists()
+    model_dir = resolve_model(model) if local else None
+    resolve_settings(model_dir, chosen, config_file, overrides, family=None if local else "sd", tune_lr=tune_lr)
 
 
 @dataclass

@@ -88,20 +88,39 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _etas_default() -> str:
+    """What --etas defaults to, read from the settings (defaults and the shapes model's TOML), for --help."""
+    from .config import SampleSettings, tomllib
+
+    shapes = Path(__file__).parent / "shapes" / "model" / "imagic-lite.toml"
+    try:
+        shapes_etas = tomllib.loads(shapes.read_text())["sample"]["etas"]
+    except (OSError, KeyError, ValueError):
+        shapes_etas = []
+    numbers = ",".join(str(float(e)) for e in SampleSettings().etas)
+    return f"{numbers}; --model shapes {','.join(str(float(e)) for e in shapes_etas)}; edit: the bundle's"
+
+
 def _common_sample_options(fn):
+    from .config import DEFAULT_MODEL
+
     for option in reversed([
-        click.option("--etas", help="Interpolation weights, e.g. 0.6,0.7,0.8 (e = eta*e_tgt + (1-eta)*e_opt)."),
+        click.option("--etas", show_default=_etas_default(),
+                     help="Interpolation weights, e.g. 0.6,0.7,0.8 (e = eta*e_tgt + (1-eta)*e_opt)."),
         click.option("--seeds", help="Sampling seeds, e.g. 0,1,2."),
         click.option("--sample-steps", type=int, help="DDIM steps in stage C."),
         click.option("--guidance", type=float, help="Classifier-free guidance scale."),
         click.option("--batch", type=int, help="Images per UNet call in stage C."),
-        click.option("--model", help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
+        click.option("--model", show_default=f"{DEFAULT_MODEL}; edit: the bundle's base model",
+                     help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
         click.option("--vram", help="GB of GPU memory to plan for (picks the fastest preset that fits), or auto."),
         click.option("--preset", help="Preset name (see `imagic-lite presets`) or TOML file; overrides --vram."),
         click.option("--device", help="Torch device, e.g. cuda:1 or cpu (default: cuda if present)."),
-        click.option("--out", type=click.Path(path_type=Path), help="Output folder."),
+        click.option("--out", type=click.Path(path_type=Path), show_default="imagic-out/IMAGE-NAME; edit: "
+                     "imagic-out/BUNDLE-NAME-edit", help="Output folder."),
         click.option("--overwrite", is_flag=True, help="Replace files in an existing output folder."),
-        click.option("--quiet", is_flag=True, help="No progress display."),
+        click.option("--quiet", is_flag=True, help="No progress display and no stage table: notes, warnings and "
+                     "the output folder only."),
         click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout."),
     ]):
         fn = option(fn)
@@ -144,10 +163,14 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
     )
     loaded = load_image(image)  # before the model: a bad file should fail in a second, not after loading
     stem = image.stem.replace(".", "_") or "image"
-    out = prepare_out_dir(out or Path("imagic-out") / stem, overwrite=overwrite, resume=resume)
     _quiet_libraries(ctx.obj["debug"])
-    from .api import Imagic
+    from .api import Imagic, check_settings
     from .models import DEFAULT_MODEL
+
+    # Options and settings first (exit 2), the output folder last before the work (exit 7).
+    check_settings(model or DEFAULT_MODEL, preset, vram, device, str(config_file) if config_file else None, overrides,
+                   tune_lr)
+    out = prepare_out_dir(out or Path("imagic-out") / stem, overwrite=overwrite, resume=resume)
 
     console = _console()
     imagic = Imagic.from_pretrained(model or DEFAULT_MODEL, preset, vram=vram, device=device,
@@ -189,12 +212,15 @@ def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, 
     report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
               "bundle_bytes": size, "outputs": [str(f) for f in files]}
     run_json = write_run_json(out, report)
-    _summary(report, [bundle_path, *files, run_json], json_out)
+    _summary(report, [bundle_path, *files, run_json], json_out, quiet)
 
 
-def _summary(report: dict[str, Any], files: list[Path], json_out: bool) -> None:
+def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: bool = False) -> None:
     if json_out:
         click.echo(json.dumps(report, indent=2, default=str))
+        return
+    if quiet:  # no stage table: one line saying where the results are
+        _console(stderr=False).print(f"output: {files[0].parent}")
         return
     from rich.table import Table
 
@@ -235,19 +261,20 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
 
     bundle = load_bundle(bundle_path)
     stem = bundle_path.name.split(".imagic")[0] or "bundle"
-    out = prepare_out_dir(out or Path("imagic-out") / f"{stem}-edit", overwrite=overwrite)
+    base = stored_sample(bundle.meta)
+    flags = {"etas": _numbers(etas, "--etas"), "seeds": _numbers(seeds, "--seeds", int), "steps": sample_steps,
+             "guidance": guidance, "batch": batch}
+    sample = replace(base, **{k: v for k, v in flags.items() if v is not None})
     _quiet_libraries(ctx.obj["debug"])
-    from .api import Imagic
+    from .api import Imagic, check_settings
 
+    check_settings(model or bundle.meta["base_model"], preset, vram, device, None, {})  # before the folder check
+    out = prepare_out_dir(out or Path("imagic-out") / f"{stem}-edit", overwrite=overwrite)
     console = _console()
     imagic = Imagic.from_pretrained(model or bundle.meta["base_model"], preset, vram=vram, device=device,
                                     chatter=ctx.obj["debug"])
     warnings_ = check_compatible(bundle, imagic.components, force=force)
     _print_notes(console, imagic.notes + warnings_)
-    base = stored_sample(bundle.meta)
-    flags = {"etas": _numbers(etas, "--etas"), "seeds": _numbers(seeds, "--seeds", int), "steps": sample_steps,
-             "guidance": guidance, "batch": batch}
-    sample = replace(base, **{k: v for k, v in flags.items() if v is not None})
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
         samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop)
     prompt = bundle.meta.get("prompt", "")
@@ -257,7 +284,40 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path), "outputs": [str(f) for f in files]}
     report["preset"]["sample"] = sample.__dict__
     run_json = write_run_json(out, report)
-    _summary(report, [*files, run_json], json_out)
+    _summary(report, [*files, run_json], json_out, quiet)
+
+
+# What a reader looks for first; anything else follows in name order.
+INFO_ORDER = ("prompt", "base_model", "family", "prediction_type", "width", "height", "original_width",
+              "original_height", "preset", "tune_mode", "seed", "created", "settings", "lora_config", "versions",
+              "unet_fingerprint", "format", "format_version")
+
+
+def _ordered_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """Bundle metadata in INFO_ORDER, with the values stored as JSON text (settings, lora_config, versions, ...)
+    decoded into objects."""
+    def value(key: str, text: str) -> Any:
+        if text[:1] in "{[" and "prompt" not in key:
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text
+        return text
+
+    keys = [k for k in INFO_ORDER if k in meta] + sorted(k for k in meta if k not in INFO_ORDER)
+    return {k: value(k, meta[k]) for k in keys}
+
+
+def _flat(value: Any, prefix: str = "") -> str:
+    """A decoded metadata value as `section.key = value` lines, whole (no cut)."""
+    if isinstance(value, dict) and value:
+        return "\n".join(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else f"{prefix}{k} = {_scalar(v)}"
+                         for k, v in value.items())
+    return _scalar(value)
+
+
+def _scalar(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 @cli.command(epilog=EXIT_HELP)
@@ -268,6 +328,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     from .bundle import describe
 
     data = describe(bundle_path)
+    data["metadata"] = _ordered_metadata(data["metadata"])
     if json_out:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -280,7 +341,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     from rich.text import Text
 
     for key, value in data["metadata"].items():  # Text(): a stranger's prompt must not be read as rich markup
-        meta.add_row(Text(key), Text(value if len(value) < 400 else value[:400] + "…"))
+        meta.add_row(Text(key), Text(_flat(value)))
     console.print(meta)
     tensors = Table(title="tensors")
     for col in ("group", "count", "dtype", "shape (first)", "bytes"):
@@ -288,6 +349,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     for row in data["groups"]:
         tensors.add_row(Text(row["group"]), str(row["count"]), row["dtype"], str(row["shape"]), f"{row['bytes']:,}")
     console.print(tensors)
+    console.print(f"[yellow]privacy:[/] {data['privacy']}")
 
 
 @cli.command(epilog=EXIT_HELP)
@@ -300,12 +362,15 @@ def export(bundle_path: Path, outdir: Path, to: str, overwrite: bool) -> None:
     import re
 
     from .bundle import export as export_bundle
-    from .bundle import load_bundle
+    from .bundle import export_warnings, load_bundle
 
     name = re.sub(r"[^A-Za-z0-9._-]", "_", bundle_path.name.split(".imagic")[0]) or "imagic"
-    files = export_bundle(load_bundle(bundle_path), to, outdir, name=name, overwrite=overwrite)
+    bundle = load_bundle(bundle_path)
+    files = export_bundle(bundle, to, outdir, name=name, overwrite=overwrite)
     for f in files:
         click.echo(str(f))
+    for line in export_warnings(bundle, to):
+        click.echo(f"warning: {line}", err=True)
 
 
 @cli.command(epilog=EXIT_HELP)

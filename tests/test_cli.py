@@ -128,6 +128,43 @@ def test_info_and_export(first_run, tmp_path, capsys):
     assert_one_line_error(code, err, 7, "overwrite")
 
 
+def test_info_says_sharing_a_bundle_shares_the_photo(first_run, capsys):
+    out, _, _ = first_run
+    bundle = out / "cat photo.imagic.safetensors"
+    code, stdout, _ = invoke(capsys, "info", bundle)
+    assert code == 0 and "privacy:" in stdout and "shares the photo" in " ".join(stdout.split())
+    code, stdout, _ = invoke(capsys, "info", bundle, "--json")
+    data = json.loads(stdout)
+    assert data["thumbnail"][2] == 3 and "reproduce the photo at eta 0" in data["privacy"]
+
+
+def test_kohya_export_warns_about_modules_sd_scripts_drops(first_run, tmp_path, capsys):
+    """LoRA on conv_in (outside sd-scripts' blocks): one warning line naming it; attention-only LoRA: none."""
+    import dataclasses
+
+    import torch
+
+    from imagic_lite.bundle import load_bundle, save_bundle
+
+    out, model, _ = first_run
+    path = out / "cat photo.imagic.safetensors"
+    code, _, err = invoke(capsys, "export", path, tmp_path / "plain", "--to", "kohya")
+    assert code == 0 and "warning" not in err
+    bundle = load_bundle(path)
+    r, channels = bundle.lora["r"], json.loads((model / "unet" / "config.json").read_text())["block_out_channels"][0]
+    weights = {**bundle.weights, "conv_in.lora_A.weight": torch.zeros(r, 4, 3, 3),
+               "conv_in.lora_B.weight": torch.zeros(channels, r, 1, 1)}
+    lora = {**bundle.lora, "target_modules": [*bundle.lora["target_modules"], "conv_in"]}
+    wide = tmp_path / "wide.imagic.safetensors"
+    save_bundle(wide, dataclasses.replace(bundle, weights=weights, lora=lora))
+    code, stdout, err = invoke(capsys, "export", wide, tmp_path / "k", "--to", "kohya")
+    assert code == 0 and Path(stdout.split()[0]).is_file()
+    warnings_ = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings_) == 1 and "conv_in" in warnings_[0] and "to_q" not in warnings_[0], err
+    code, _, err = invoke(capsys, "export", wide, tmp_path / "d", "--to", "diffusers")
+    assert code == 0 and "warning" not in err
+
+
 def test_presets_command(capsys):
     code, stdout, _ = invoke(capsys, "presets", "--json")
     assert code == 0

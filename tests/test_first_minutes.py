@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from importlib.metadata import distribution
 
 import pytest
@@ -44,3 +45,112 @@ def test_loading_prints_nothing_unless_asked(tiny_sd, capfd, caplog, chatter):
         assert "(inside)" in printed and "Loading weights" in printed
     else:
         assert "(inside)" not in printed and "Loading weights" not in printed and "float32" not in printed
+
+
+FAST = ["--embed-steps", "2", "--tune-steps", "2", "--sample-steps", "2", "--etas", "1.0", "--quiet"]
+
+
+def invoke(capsys, *args) -> tuple[int, str]:
+    code, err, _ = invoke_out(capsys, *args)
+    return code, err
+
+
+def invoke_out(capsys, *args) -> tuple[int, str, str]:
+    from imagic_lite.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return exit_info.value.code, captured.err, captured.out
+
+
+@pytest.mark.parametrize(("args", "code_", "fragment"), [
+    (["--vram", "3"], 2, "below the smallest preset"),
+    (["--preset", "huge"], 2, "unknown preset"),
+    (["--etas", "9"], 2, "etas must be within"),
+    ([], 7, "already has files"),
+])
+def test_settings_are_checked_before_the_output_folder(photo, tmp_path, capsys, tiny_sd, args, code_, fragment):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "run.json").write_text("{}")  # a folder a finished run left
+    code, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", out, "--quiet", *args)
+    assert code == code_ and fragment in err, err
+
+
+def test_a_failed_check_leaves_no_empty_folder(photo, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper"
+    code, err = invoke(capsys, "run", photo, "a dog", "--model", "nobody/no-such-model", "--out", out)
+    assert code == 3 and "not on this machine" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_guidance(photo, tmp_path, capsys, tiny_sd):
+    """Each message leads to a command that works: --resume for a checkpoint, --overwrite past a foreign one, and
+    --resume without a checkpoint is refused instead of silently starting over."""
+    from imagic_lite.checkpoint import CHECKPOINT_NAME, save_checkpoint
+    from imagic_lite.imagic import StageState
+
+    run = ["run", photo, "a dog", "--model", tiny_sd, *FAST]
+    code, err = invoke(capsys, *run, "--out", tmp_path / "none", "--resume")
+    assert code == 2 and "no interrupted run" in err and "without --resume" in err, err
+    assert not (tmp_path / "none").exists()
+
+    out = tmp_path / "cut"
+    save_checkpoint(out / CHECKPOINT_NAME, StageState("A", 1, {}, {}, {}), "another run", None)
+    code, err = invoke(capsys, *run, "--out", out)
+    assert code == 7 and "continue it with --resume" in err, err
+    code, err = invoke(capsys, *run, "--out", out, "--resume")
+    assert code == 2 and "different image" in err and "--overwrite instead of --resume" in err, err
+    code, err, stdout = invoke_out(capsys, *run, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert stdout.strip() == f"output: {out}"  # --quiet: no stage table
+    assert not (out / CHECKPOINT_NAME).exists()
+    code, err = invoke(capsys, *run, "--out", out, "--resume")
+    assert code == 2 and "imagic-lite edit" in err, err
+    code, err = invoke(capsys, "edit", out / "photo.imagic.safetensors", "--out", out, "--vram", "3")
+    assert code == 2 and "below the smallest preset" in err, err  # edit, too, checks settings before the folder
+
+
+def test_presets_needs_no_torch():
+    """`presets` prints a table: it reads the shipped architectures' facts files instead of building UNets."""
+    code = ("import sys\nfrom imagic_lite.cli import main\ntry:\n    main(['presets'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "4gb" in result.stdout and "est. B" in result.stdout
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
+def test_arch_facts_files_match_the_configs(arch):
+    """The facts files `presets` reads are what the configs build (regenerate: memory.build_arch_facts)."""
+    from imagic_lite.memory import arch_facts, build_arch_facts
+
+    assert arch_facts(f"arch:{arch}") == build_arch_facts(f"arch:{arch}")
+
+
+def test_info_orders_metadata_and_emits_objects(tmp_path, capsys, tiny_sd, photo):
+    import json
+
+    out = tmp_path / "o"
+    assert invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", out, *FAST)[0] == 0
+    bundle = out / "photo.imagic.safetensors"
+    code, err, stdout = invoke_out(capsys, "info", bundle, "--json")
+    assert code == 0, err
+    meta = json.loads(stdout)["metadata"]
+    assert list(meta)[:3] == ["prompt", "base_model", "family"]
+    assert meta["settings"]["tune"]["steps"] == 2 and isinstance(meta["versions"], dict)  # objects, not JSON text
+    code, err, stdout = invoke_out(capsys, "info", bundle)
+    assert code == 0 and "…" not in stdout and "tune.steps = 2" in stdout
+    assert stdout.index("prompt") < stdout.index("settings") < stdout.index("format_version")
+
+
+def test_run_help_shows_the_defaults(capsys):
+    from imagic_lite.config import DEFAULT_MODEL, SampleSettings
+
+    code, _, stdout = invoke_out(capsys, "run", "--help")
+    flat = "".join(stdout.split())
+    assert code == 0
+    assert DEFAULT_MODEL in flat and "imagic-out/IMAGE-NAME" in flat
+    assert ",".join(str(e) for e in SampleSettings().etas) in flat and "1.0,1.2,1.4,1.6" in flat
