@@ -111,6 +111,10 @@ def _common_sample_options(fn):
         click.option("--sample-steps", type=int, help="DDIM steps in stage C."),
         click.option("--guidance", type=float, help="Classifier-free guidance scale."),
         click.option("--batch", type=int, help="Images per UNet call in stage C."),
+        click.option("--auto-eta", "auto_eta", is_flag=False, flag_value="diffusion", default=None,
+                     metavar="[clip:PATH]", help="Choose eta: judge the rendered etas with the model itself (no extra "
+                     "weights), or with a local CLIP folder (clip:PATH); the grid marks the choice. Put it after "
+                     "the arguments."),
         click.option("--model", show_default=f"{DEFAULT_MODEL}; edit: the bundle's base model",
                      help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
         click.option("--vram", help="GB of GPU memory to plan for (picks the fastest preset that fits), or auto."),
@@ -147,13 +151,14 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
         seeds: str | None, sample_steps: int | None, guidance: float | None, batch: int | None,
         embed_steps: int | None, tune_steps: int | None, embed_lr: float | None, tune_lr: float | None,
         rank: int | None, mode: str | None, config_file: Path | None, seed: int, no_thumbnail: bool,
-        resume: bool) -> None:
+        resume: bool, auto_eta: str | None) -> None:
     """Run stages A, B and C on IMAGE toward PROMPT; write images, a grid, a bundle and run.json."""
     from .images import load_image
     from .outputs import prepare_out_dir
 
     if not prompt.strip():
         raise InputError('the prompt is empty; describe the edited image, e.g. "a dog lying down"')
+    auto = _auto_eta(auto_eta)
     if seed < 0:
         raise InputError(f"--seed must be >= 0, got {seed}")
     overrides = _overrides(
@@ -186,11 +191,23 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
                       f"({str(imagic.components.dtype).replace('torch.', '')}), model {imagic.components.model_id}, "
                       f"{p.embed.steps}+{p.tune.steps} steps, tune {p.tune.mode}")
     _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
-                quiet=quiet, json_out=json_out, console=console, shown=shown)
+                quiet=quiet, json_out=json_out, console=console, shown=shown, auto=auto)
+
+
+def _auto_eta(value: str | None):
+    """--auto-eta's value as settings (checked before any loading), or False without the flag."""
+    if value is None:
+        return False
+    from .eta import AutoEtaSettings
+
+    settings = AutoEtaSettings(judge=value)
+    if value.startswith("clip:") and not Path(value[len("clip:"):]).expanduser().is_dir():
+        raise InputError(f"--auto-eta {value}: no such folder; give a local CLIP model folder (CLIPModel)")
+    return settings
 
 
 def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, resume: bool, thumbnail: bool,
-                quiet: bool, json_out: bool, console, shown: int) -> None:
+                quiet: bool, json_out: bool, console, shown: int, auto=False) -> None:
     from .bundle import save_bundle
     from .checkpoint import CHECKPOINT_NAME
     from .imagic import StopFlag
@@ -205,10 +222,11 @@ def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, 
         size = save_bundle(bundle_path, bundle, thumbnail=thumbnail)
         checkpoint.unlink(missing_ok=True)
         _print_notes(console, imagic.notes[shown:])
-        samples = imagic.generate(progress=progress, stop=stop)
+        samples = imagic.generate(progress=progress, stop=stop, auto_eta=auto)
     params = {"prompt": prompt, "model": imagic.components.model_id, "preset": imagic.preset.name,
               "seed_fit": seed, "sample_steps": imagic.preset.sample.steps, "guidance": imagic.preset.sample.guidance}
-    files = write_samples(out, stem, samples, params, title=prompt)
+    choice = imagic.eta_choice.to_dict() if imagic.eta_choice else None
+    files = write_samples(out, stem, samples, params, title=prompt, auto_eta=choice)
     report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
               "bundle_bytes": size, "outputs": [str(f) for f in files]}
     run_json = write_run_json(out, report)
@@ -239,6 +257,12 @@ def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: b
     grid = [f for f in files if "grid" in f.name]
     if grid:
         console.print(f"grid:   {grid[0]}")
+    if "auto_eta" in report:
+        choice = report["auto_eta"]
+        chosen = [f.name for f in files if f"_eta{choice['eta']:.2f}_" in f.name]
+        console.print(f"auto-eta: chose eta {choice['eta']:g} ({', '.join(chosen)}): {choice['reason']}; judge "
+                      f"{choice['judge']}; alignment per eta: "
+                      + ", ".join(f"{e} {s['alignment']:.4g}" for e, s in choice["scores"].items()), markup=False)
     console.print(f"output: {files[0].parent}")
 
 
@@ -250,7 +274,7 @@ def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: b
 def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | None, preset: str | None,
          device: str | None, out: Path | None, overwrite: bool, quiet: bool, json_out: bool, etas: str | None,
          seeds: str | None, sample_steps: int | None, guidance: float | None, batch: int | None,
-         force: bool) -> None:
+         auto_eta: str | None, force: bool) -> None:
     """Stage C only: new etas and seeds from a saved bundle, no input image, no training."""
     from dataclasses import replace
 
@@ -259,6 +283,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     from .outputs import prepare_out_dir, write_run_json, write_samples
     from .progress import StageProgress
 
+    auto = _auto_eta(auto_eta)
     bundle = load_bundle(bundle_path)
     stem = bundle_path.name.split(".imagic")[0] or "bundle"
     base = stored_sample(bundle.meta)
@@ -276,11 +301,12 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     warnings_ = check_compatible(bundle, imagic.components, force=force)
     _print_notes(console, imagic.notes + warnings_)
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
-        samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop)
+        samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop, auto_eta=auto)
     prompt = bundle.meta.get("prompt", "")
     params = {"prompt": prompt, "model": imagic.components.model_id, "bundle": bundle_path.name,
               "sample_steps": sample.steps, "guidance": sample.guidance}
-    files = write_samples(out, stem, samples, params, title=prompt)
+    choice = imagic.eta_choice.to_dict() if imagic.eta_choice else None
+    files = write_samples(out, stem, samples, params, title=prompt, auto_eta=choice)
     report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path), "outputs": [str(f) for f in files]}
     report["preset"]["sample"] = sample.__dict__
     run_json = write_run_json(out, report)

@@ -29,7 +29,7 @@ class AutoEtaSettings:
     timesteps: tuple[float, ...] = (0.35, 0.55, 0.75)  # judge timesteps, as fractions of the training schedule
     noises: int = 2  # noise draws per timestep (the same draws for every image and text)
     seed: int = 0  # of those draws: the choice reproduces for a bundle
-    fraction: float = 0.8  # the knee: the smallest eta whose alignment gain reaches this share of the best gain
+    fraction: float = 0.75  # the knee: the smallest eta whose alignment gain reaches this share of the best gain
 
     def __post_init__(self) -> None:
         if not (self.judge == "diffusion" or self.judge.startswith("clip:") and len(self.judge) > 5):

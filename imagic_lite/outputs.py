@@ -55,20 +55,30 @@ def sample_name(stem: str, eta: float, seed: int) -> str:
     return f"{stem}_eta{eta:.2f}_seed{seed}.png"
 
 
-def write_samples(out: Path, stem: str, samples: list, params: dict[str, Any], title: str) -> list[Path]:
-    """One PNG per sample carrying its parameters, and a seeds x etas grid whose name contains `grid`."""
+def write_samples(out: Path, stem: str, samples: list, params: dict[str, Any], title: str,
+                  auto_eta: dict[str, Any] | None = None) -> list[Path]:
+    """One PNG per sample carrying its parameters, and a seeds x etas grid whose name contains `grid`.
+
+    With `auto_eta` (EtaChoice.to_dict()) every PNG also carries the choice and its scores, and the grid marks the
+    chosen eta's column."""
     from .images import make_grid, save_png
 
+    if auto_eta is not None:
+        params = {**params, "auto_eta": auto_eta["eta"], "auto_eta_judge": auto_eta["judge"],
+                  "auto_eta_scores": json.dumps(auto_eta["scores"], sort_keys=True)}
     paths = []
     for s in samples:
         path = out / sample_name(stem, s.eta, s.seed)
-        save_png(path, s.image, {**params, "eta": s.eta, "seed": s.seed})
+        extra = {"auto_eta_chosen": int(s.chosen)} if auto_eta is not None else {}
+        save_png(path, s.image, {**params, "eta": s.eta, "seed": s.seed, **extra})
         paths.append(path)
     etas = sorted({s.eta for s in samples})
     seeds = sorted({s.seed for s in samples})
     by_key = {(s.seed, s.eta): s.image for s in samples}
     rows = [[by_key[(seed, eta)] for eta in etas] for seed in seeds]
-    grid = make_grid(rows, [f"seed {s}" for s in seeds], [f"eta {e:g}" for e in etas], title=title)
+    chosen = auto_eta["eta"] if auto_eta is not None else None
+    labels = [f"eta {e:g}" + (" (auto)" if e == chosen else "") for e in etas]
+    grid = make_grid(rows, [f"seed {s}" for s in seeds], labels, title=title)
     grid_path = out / f"{stem}_grid.png"
     save_png(grid_path, grid, params)
     return [*paths, grid_path]
