@@ -172,3 +172,42 @@ def choose_eta(c: Components, e_tgt: Cond, e_opt: Cond, uncond: Cond, sample: Sa
     reason = (f"the smallest tried eta whose alignment ({scores[eta]['alignment']:.4g}) reaches {settings.fraction:g} "
               f"of the way from eta 0 ({scores[0.0]['alignment']:.4g}) to the best tried (threshold {threshold:.4g})")
     return EtaChoice(eta, judge_name, reason, scores, calls)
+
+
+
+
+def clip_judge(path: str, prompt: str, device: torch.device) -> tuple[Judge, str, int]:
+    """CLIP score (cosine of image and prompt embeddings) from a local transformers CLIPModel folder."""
+    from pathlib import Path
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ConfigError(f"--auto-eta clip:{path}: not a CLIP folder (a local transformers CLIPModel folder with "
+                          "config.json, e.g. one saved by CLIPModel.save_pretrained)")
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--auto-eta clip:{path}: cannot load it as a CLIPModel with safetensors weights "
+                          f"({str(exc).splitlines()[0][:160]})") from None
+
+    @torch.no_grad()
+    def judge(samples: list[Sample]) -> list[dict[str, float]]:
+        inputs = processor(text=[prompt], images=[s.image for s in samples], return_tensors="pt", padding=True,
+                           truncation=True).to(device)
+        image = torch.nn.functional.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
+        text = torch.nn.functional.normalize(model.get_text_features(input_ids=inputs["input_ids"],
+                                                                     attention_mask=inputs["attention_mask"]), dim=-1)
+        return [{"alignment": float(a)} for a in (image @ text.T)[:, 0]]
+
+    return judge, f"clip: {folder.name} (CLIP score of the prompt)", 0
+
+
+def make_judge(c: Components, e_tgt: Cond, e_opt: Cond, prompt: str, settings: AutoEtaSettings,
+               original: tuple[int, int] | None = None) -> tuple[Judge, str, int]:
+    """The judge `settings.judge` names: the built-in diffusion judge, or CLIP from a local folder."""
+    if settings.judge.startswith("clip:"):
+        return clip_judge(settings.judge[len("clip:"):], prompt, c.device)
+    return diffusion_judge(c, e_tgt, e_opt, settings, original)
