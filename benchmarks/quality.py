@@ -52,6 +52,7 @@ class RunSettings:
     seeds: tuple[int, ...]
     fit_seed: int = 0
     auto_eta: bool = False  # the lora units also run `--auto-eta` over their own etas (the `auto` method)
+    records: str = ""  # a folder where each finished case is appended at once (--records), so a cut run keeps it
 
 
 @dataclass
@@ -138,6 +139,8 @@ def run_imagic(method: str, cases: tuple[EditCase, ...], run: RunSettings) -> li
             result.samples.append(_sample_record(case, "eta", s.eta, s.seed, s.image))
         results.append(result)
         _progress(method, case, result)
+        if run.records:
+            save_record(run.records, result)
         if auto:
             chosen = CaseResult(case.id, case.kind, "auto", case.prompt, seconds, peaks, preset.to_dict(),
                                 input_png=result.input_png, auto_eta=imagic.eta_choice.to_dict()
@@ -145,6 +148,8 @@ def run_imagic(method: str, cases: tuple[EditCase, ...], run: RunSettings) -> li
             chosen.samples = [record for s, record in zip(samples, result.samples, strict=True) if s.chosen]
             results.append(chosen)
             _progress("auto", case, chosen)
+            if run.records:
+                save_record(run.records, chosen)
     return results
 
 
@@ -214,6 +219,37 @@ def _progress(method: str, case: EditCase, result: CaseResult) -> None:
 
 def run_unit(method: str, cases: tuple[EditCase, ...], run: RunSettings) -> list[CaseResult]:
     return run_sdedit(cases, run) if method == "sdedit" else run_imagic(method, cases, run)
+
+
+def save_record(folder: str, result: CaseResult) -> None:
+    """Append one finished case (PNGs as base64) to this process's JSON-lines file in `folder`."""
+    import base64
+
+    row = asdict(result)
+    row["input_png"] = base64.b64encode(result.input_png).decode()
+    for sample in row["samples"]:
+        sample["png"] = base64.b64encode(sample["png"]).decode()
+    with open(Path(folder) / f"records-{os.getpid()}.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def load_records(folder: Path) -> list[CaseResult]:
+    """Every case saved by `save_record` in `folder` (a line cut short by a kill is skipped)."""
+    import base64
+
+    results = []
+    for path in sorted(folder.glob("records-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            row["input_png"] = base64.b64decode(row["input_png"])
+            for sample in row["samples"]:
+                sample["png"] = base64.b64decode(sample["png"])
+            results.append(CaseResult(**row))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,6 +477,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tag", default="", help="appended to the output names (for sweeps)")
     ap.add_argument("--note", action="append", default=[], help="a line for the results' notes")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--records", type=Path, help="save each finished case in this folder at once; cases already "
+                    "there are not run again (a cut run continues), and the results cover them all")
+    ap.add_argument("--summarise-only", action="store_true", help="with --records: write the results from the "
+                    "cases saved so far without running any (a partial run says how many it has)")
     return ap.parse_args(argv)
 
 
@@ -488,11 +528,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       auto_eta="auto" in methods)
     defaults = {"lora": args.default_eta, "auto": None, "full": args.default_eta, "sdedit": args.default_strength}
     started = time.perf_counter()
-    units = plan_units({m: c for m, c in cases.items() if m != "auto"}, args.jobs)  # auto rides on lora's units
-    print(f"{sum(len(c) for c in cases.values())} case runs in {len(units)} units on {args.jobs} process(es): "
-          + ", ".join(f"{m} {len(c)}" for m, c in cases.items()), flush=True)
-    results: dict[str, list[CaseResult]] = {m: [] for m in methods}
-    if args.jobs == 1:
+    saved: list[CaseResult] = []
+    if args.records:
+        args.records.mkdir(parents=True, exist_ok=True)
+        run = replace(run, records=str(args.records))
+        ids = {c.id for c in chosen}
+        saved = [r for r in load_records(args.records) if r.method in methods and r.case in ids]
+    have = {(r.method, r.case) for r in saved}
+    # A lora case is done only with its auto twin when auto is asked (both come from one fit).
+    todo = {m: tuple(c for c in cs if (m, c.id) not in have or (m == "lora" and run.auto_eta
+                                                                  and ("auto", c.id) not in have))
+            for m, cs in cases.items() if m != "auto"}  # auto rides on lora's units
+    rerun = {(m, c.id) for m, cs in todo.items() for c in cs} | {("auto", c.id) for c in todo.get("lora", ())}
+    saved = [r for r in saved if (r.method, r.case) not in rerun]
+    units = [] if args.summarise_only else plan_units({m: c for m, c in todo.items() if c}, args.jobs)
+    print(f"{sum(len(c) for c in todo.values())} cases to run in {len(units)} units on {args.jobs} process(es)"
+          f" ({len(saved)} case results saved before): " + ", ".join(f"{m} {len(c)}" for m, c in todo.items()),
+          flush=True)
+    results: dict[str, list[CaseResult]] = {m: [r for r in saved if r.method == m] for m in methods}
+    if not units:
+        done = []
+    elif args.jobs == 1:
         done = [run_unit(method, part, run) for method, part in units]
     else:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
@@ -534,7 +590,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "overrides": run.overrides, "jobs": args.jobs, "wall_seconds": round(wall, 1),
         "device": device_info(pick_device(None)) | {"cpu_count": os.cpu_count(), "processes": args.jobs},
         "versions": versions() | {"python": sys.version.split()[0]},
-        "notes": args.note + ([f"Imagic-full ran on a {len(cases['full'])}-case subset (round-robin over kinds) to "
+        "notes": args.note + [f"partial: {LABELS[m]} has {len(results[m])} of {len(cases[m])} cases (the run was cut; "
+                              "the rest never ran)" for m in methods if len(results[m]) < len(cases[m])]
+        + ([f"Imagic-full ran on a {len(cases['full'])}-case subset (round-robin over kinds) to "
                                "keep the CPU run short; see methods.full.on_subset for every method on those cases"]
                               if "full" in methods and len(cases["full"]) < len(chosen) else []),
         "methods": summary,
