@@ -290,7 +290,7 @@ class Imagic:
 
         def search():
             judge, name, calls = make_judge(c, bundle.e_tgt, bundle.e_opt, bundle.meta.get("prompt", ""), auto,
-                                            original)
+                                            original, batch=2 * settings.batch)
             return choose_eta(c, bundle.e_tgt, bundle.e_opt, self._uncond, settings, height, width, samples, judge,
                               calls, name, auto, progress=progress, stop=stop, original=original)
 

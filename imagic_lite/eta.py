@@ -73,30 +73,36 @@ def base_judge(c: Components) -> Iterator[str]:
 
 @torch.no_grad()
 def denoising_errors(c: Components, latents: torch.Tensor, conds: list[Cond], timesteps: tuple[int, ...],
-                     noises: int, seed: int, original: tuple[int, int] | None = None) -> torch.Tensor:
+                     noises: int, seed: int, original: tuple[int, int] | None = None, batch: int = 2) -> torch.Tensor:
     """Li et al. 2023's classifier statistic: ||f(x_t, t, e) - target||^2 of every latent under every condition, for
     each fixed (timestep, noise) pair; shape (images, conds, pairs).
 
     The pairs are the same for every image and condition (one seeded CPU generator), so differences between
-    conditions or images are paired comparisons and their noise mostly cancels."""
+    conditions or images are paired comparisons and their noise mostly cancels. At most `batch` evaluations go
+    through one UNet call (stage C's uncond + cond per image: the judge needs no more memory than sampling)."""
     generator = torch.Generator().manual_seed(seed)
     shape = latents.shape[1:]
     noise = torch.randn((noises, *shape), generator=generator).repeat(len(timesteps), 1, 1, 1)
     t = torch.tensor(timesteps, dtype=torch.long).repeat_interleave(noises)
     pairs = len(t)
     height, width = shape[-2] * c.vae_scale, shape[-1] * c.vae_scale
-    noise, t = noise.to(c.device), t.to(c.device)
-    out = torch.empty(latents.shape[0], len(conds), pairs)
-    for i, latent in enumerate(latents):
-        x0 = latent.to(c.device).float().expand(pairs, -1, -1, -1)
-        noisy = c.scheduler.add_noise(x0, noise, t)
-        target = prediction_target(c, x0, noise, t).float()
-        for j, cond in enumerate(conds):
-            with c.autocast():
-                pred = c.unet(noisy, t, **unet_kwargs(c, cond.to(c.device).repeat(pairs), height, width,
-                                                      original)).sample
-            out[i, j] = (pred.float() - target).pow(2).mean(dim=(1, 2, 3)).cpu()
-    return out
+    x0 = latents.float().repeat_interleave(pairs, dim=0)  # (images * pairs, ...), image-major
+    noise_all, t_all = noise.repeat(len(latents), 1, 1, 1), t.repeat(len(latents))
+    noisy = c.scheduler.add_noise(x0, noise_all, t_all)
+    target = prediction_target(c, x0, noise_all, t_all).float()
+    jobs = [(j, k) for j in range(len(conds)) for k in range(len(x0))]  # (condition, noisy latent)
+    errors = torch.empty(len(conds), len(x0))
+    for first in range(0, len(jobs), batch):
+        chunk = jobs[first:first + batch]
+        rows = torch.tensor([k for _, k in chunk])
+        cond = Cond.cat([conds[j] for j, _ in chunk]).to(c.device)
+        with c.autocast():
+            pred = c.unet(noisy[rows].to(c.device), t_all[rows].to(c.device),
+                          **unet_kwargs(c, cond, height, width, original)).sample
+        error = (pred.float().cpu() - target[rows]).pow(2).mean(dim=(1, 2, 3))
+        for (j, k), value in zip(chunk, error, strict=True):
+            errors[j, k] = value
+    return errors.view(len(conds), len(latents), pairs).transpose(0, 1)
 
 
 @torch.no_grad()
@@ -110,7 +116,7 @@ def image_latents(c: Components, images: list) -> torch.Tensor:
 
 
 def diffusion_judge(c: Components, e_tgt: Cond, e_opt: Cond, settings: AutoEtaSettings,
-                    original: tuple[int, int] | None = None) -> tuple[Judge, str, int]:
+                    original: tuple[int, int] | None = None, batch: int = 2) -> tuple[Judge, str, int]:
     """The model as its own zero-shot judge (Li et al. 2023) between the two texts Imagic already has.
 
     alignment = err(x, e_opt) - err(x, e_tgt) under the base model (LoRA off): positive when the target text
@@ -123,7 +129,7 @@ def diffusion_judge(c: Components, e_tgt: Cond, e_opt: Cond, settings: AutoEtaSe
         latents = image_latents(c, [s.image for s in samples])
         with base_judge(c):
             errors = denoising_errors(c, latents, [e_tgt, e_opt], timesteps, settings.noises, settings.seed,
-                                      original)
+                                      original, batch)
         margin = (errors[:, 1] - errors[:, 0]).mean(dim=1)
         return [{"alignment": float(m)} for m in margin]
 
@@ -206,8 +212,9 @@ def clip_judge(path: str, prompt: str, device: torch.device) -> tuple[Judge, str
 
 
 def make_judge(c: Components, e_tgt: Cond, e_opt: Cond, prompt: str, settings: AutoEtaSettings,
-               original: tuple[int, int] | None = None) -> tuple[Judge, str, int]:
-    """The judge `settings.judge` names: the built-in diffusion judge, or CLIP from a local folder."""
+               original: tuple[int, int] | None = None, batch: int = 2) -> tuple[Judge, str, int]:
+    """The judge `settings.judge` names: the built-in diffusion judge (at most `batch` evaluations per UNet
+    call), or CLIP from a local folder."""
     if settings.judge.startswith("clip:"):
         return clip_judge(settings.judge[len("clip:"):], prompt, c.device)
-    return diffusion_judge(c, e_tgt, e_opt, settings, original)
+    return diffusion_judge(c, e_tgt, e_opt, settings, original, batch)
