@@ -5,6 +5,7 @@ Heavy imports (torch, diffusers) happen inside commands so `--help` answers at o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -185,8 +186,46 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
         console.print(f"[bold]imagic-lite[/] preset [cyan]{p.name}[/] on {imagic.components.device} "
                       f"({str(imagic.components.dtype).replace('torch.', '')}), model {imagic.components.model_id}, "
                       f"{p.embed.steps}+{p.tune.steps} steps, tune {p.tune.mode}")
-    _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
-                quiet=quiet, json_out=json_out, console=console, shown=shown)
+    with _disk_full_says_need(_output_bytes(imagic, len(imagic.preset.sample.etas) * len(imagic.preset.sample.seeds))):
+        _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
+                    quiet=quiet, json_out=json_out, console=console, shown=shown)
+
+
+def _output_bytes(imagic, images: int, *, bundle: bool = True) -> int:
+    """About what a run writes, for the disk-full message: the bundle (LoRA or full UNet in fp16, the two
+    embeddings) and PNGs at most their uncompressed size (samples, and a grid of them beside the input)."""
+    import math
+
+    from .bundle import lora_shapes
+    from .lora import lora_config
+
+    c, p = imagic.components, imagic.preset
+    total = 2**20 + (2 * images + 2) * c.native**2 * 3  # + metadata, run.json, thumbnail
+    if bundle:
+        if p.tune.mode == "lora":
+            weights = sum(math.prod(s) for s in lora_shapes(c.unet, lora_config(p.tune)).values())
+        else:
+            weights = sum(t.numel() for t in c.unet.parameters())
+        hidden = sum(int(e.config.hidden_size) for e in c.text_encoders)
+        total += 2 * weights + 2 * 4 * hidden * 77
+    return total
+
+
+@contextlib.contextmanager
+def _disk_full_says_need(need: int):
+    """A full disk while writing outputs: say how much the run writes, and how much is free."""
+    import shutil
+
+    from .errors import DiskFull
+
+    try:
+        yield
+    except DiskFull as exc:
+        try:
+            free = f", {shutil.disk_usage(exc.folder).free / 2**20:.1f} MB free now"
+        except (OSError, TypeError):
+            free = ""
+        raise DiskFull(f"{exc.message}; this run writes up to {need / 2**20:.1f} MB there{free}", exc.folder) from None
 
 
 def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, resume: bool, thumbnail: bool,
@@ -280,10 +319,12 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     prompt = bundle.meta.get("prompt", "")
     params = {"prompt": prompt, "model": imagic.components.model_id, "bundle": bundle_path.name,
               "sample_steps": sample.steps, "guidance": sample.guidance}
-    files = write_samples(out, stem, samples, params, title=prompt)
-    report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path), "outputs": [str(f) for f in files]}
-    report["preset"]["sample"] = sample.__dict__
-    run_json = write_run_json(out, report)
+    with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
+        files = write_samples(out, stem, samples, params, title=prompt)
+        report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
+                  "outputs": [str(f) for f in files]}
+        report["preset"]["sample"] = sample.__dict__
+        run_json = write_run_json(out, report)
     _summary(report, [*files, run_json], json_out, quiet)
 
 

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 from importlib.metadata import distribution
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,34 @@ def test_run_help_shows_the_defaults(capsys):
     assert code == 0
     assert DEFAULT_MODEL in flat and "imagic-out/IMAGE-NAME" in flat
     assert ",".join(str(e) for e in SampleSettings().etas) in flat and "1.0,1.2,1.4,1.6" in flat
+
+
+def test_full_disk_while_writing_outputs(photo, tmp_path, capsys, tiny_sd, monkeypatch):
+    """ENOSPC while writing the images: exit 7, the folder named, how much the run writes, no half-file."""
+    import errno
+
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "o"
+    code, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", out, *FAST)
+    line = err.strip().splitlines()[-1]
+    assert code == 7 and str(out) in line and "is full" in line and "MB there" in line and "MB free" in line, err
+    assert sorted(p.name for p in out.iterdir()) == ["photo.imagic.safetensors"]  # complete, and nothing else
+
+
+def test_full_disk_inside_a_library_is_recognised(tmp_path):
+    """safetensors reports ENOSPC as SafetensorError('... (os error 28)'), not OSError."""
+    from safetensors import SafetensorError
+
+    from imagic_lite.errors import DiskFull
+    from imagic_lite.files import atomic_path
+
+    with pytest.raises(DiskFull, match="is full"), atomic_path(tmp_path / "b.safetensors") as tmp:
+        tmp.write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert list(tmp_path.iterdir()) == []
