@@ -5,6 +5,7 @@ Heavy imports (torch, diffusers) happen inside commands so `--help` answers at o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -88,20 +89,39 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _etas_default() -> str:
+    """What --etas defaults to, read from the settings (defaults and the shapes model's TOML), for --help."""
+    from .config import SampleSettings, tomllib
+
+    shapes = Path(__file__).parent / "shapes" / "model" / "imagic-lite.toml"
+    try:
+        shapes_etas = tomllib.loads(shapes.read_text())["sample"]["etas"]
+    except (OSError, KeyError, ValueError):
+        shapes_etas = []
+    numbers = ",".join(str(float(e)) for e in SampleSettings().etas)
+    return f"{numbers}; --model shapes {','.join(str(float(e)) for e in shapes_etas)}; edit: the bundle's"
+
+
 def _common_sample_options(fn):
+    from .config import DEFAULT_MODEL
+
     for option in reversed([
-        click.option("--etas", help="Interpolation weights, e.g. 0.6,0.7,0.8 (e = eta*e_tgt + (1-eta)*e_opt)."),
+        click.option("--etas", show_default=_etas_default(),
+                     help="Interpolation weights, e.g. 0.6,0.7,0.8 (e = eta*e_tgt + (1-eta)*e_opt)."),
         click.option("--seeds", help="Sampling seeds, e.g. 0,1,2."),
         click.option("--sample-steps", type=int, help="DDIM steps in stage C."),
         click.option("--guidance", type=float, help="Classifier-free guidance scale."),
         click.option("--batch", type=int, help="Images per UNet call in stage C."),
-        click.option("--model", help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
+        click.option("--model", show_default=f"{DEFAULT_MODEL}; edit: the bundle's base model",
+                     help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
         click.option("--vram", help="GB of GPU memory to plan for (picks the fastest preset that fits), or auto."),
         click.option("--preset", help="Preset name (see `imagic-lite presets`) or TOML file; overrides --vram."),
         click.option("--device", help="Torch device, e.g. cuda:1 or cpu (default: cuda if present)."),
-        click.option("--out", type=click.Path(path_type=Path), help="Output folder."),
+        click.option("--out", type=click.Path(path_type=Path), show_default="imagic-out/IMAGE-NAME; edit: "
+                     "imagic-out/BUNDLE-NAME-edit", help="Output folder."),
         click.option("--overwrite", is_flag=True, help="Replace files in an existing output folder."),
-        click.option("--quiet", is_flag=True, help="No progress display."),
+        click.option("--quiet", is_flag=True, help="No progress display and no stage table: notes, warnings and "
+                     "the output folder only."),
         click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout."),
     ]):
         fn = option(fn)
@@ -166,8 +186,46 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
         console.print(f"[bold]imagic-lite[/] preset [cyan]{p.name}[/] on {imagic.components.device} "
                       f"({str(imagic.components.dtype).replace('torch.', '')}), model {imagic.components.model_id}, "
                       f"{p.embed.steps}+{p.tune.steps} steps, tune {p.tune.mode}")
-    _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
-                quiet=quiet, json_out=json_out, console=console, shown=shown)
+    with _disk_full_says_need(_output_bytes(imagic, len(imagic.preset.sample.etas) * len(imagic.preset.sample.seeds))):
+        _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
+                    quiet=quiet, json_out=json_out, console=console, shown=shown)
+
+
+def _output_bytes(imagic, images: int, *, bundle: bool = True) -> int:
+    """About what a run writes, for the disk-full message: the bundle (LoRA or full UNet in fp16, the two
+    embeddings) and PNGs at most their uncompressed size (samples, and a grid of them beside the input)."""
+    import math
+
+    from .bundle import lora_shapes
+    from .lora import lora_config
+
+    c, p = imagic.components, imagic.preset
+    total = 2**20 + (2 * images + 2) * c.native**2 * 3  # + metadata, run.json, thumbnail
+    if bundle:
+        if p.tune.mode == "lora":
+            weights = sum(math.prod(s) for s in lora_shapes(c.unet, lora_config(p.tune)).values())
+        else:
+            weights = sum(t.numel() for t in c.unet.parameters())
+        hidden = sum(int(e.config.hidden_size) for e in c.text_encoders)
+        total += 2 * weights + 2 * 4 * hidden * 77
+    return total
+
+
+@contextlib.contextmanager
+def _disk_full_says_need(need: int):
+    """A full disk while writing outputs: say how much the run writes, and how much is free."""
+    import shutil
+
+    from .errors import DiskFull
+
+    try:
+        yield
+    except DiskFull as exc:
+        try:
+            free = f", {shutil.disk_usage(exc.folder).free / 2**20:.1f} MB free now"
+        except (OSError, TypeError):
+            free = ""
+        raise DiskFull(f"{exc.message}; this run writes up to {need / 2**20:.1f} MB there{free}", exc.folder) from None
 
 
 def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, resume: bool, thumbnail: bool,
@@ -193,12 +251,15 @@ def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, 
     report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
               "bundle_bytes": size, "outputs": [str(f) for f in files]}
     run_json = write_run_json(out, report)
-    _summary(report, [bundle_path, *files, run_json], json_out)
+    _summary(report, [bundle_path, *files, run_json], json_out, quiet)
 
 
-def _summary(report: dict[str, Any], files: list[Path], json_out: bool) -> None:
+def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: bool = False) -> None:
     if json_out:
         click.echo(json.dumps(report, indent=2, default=str))
+        return
+    if quiet:  # no stage table: one line saying where the results are
+        _console(stderr=False).print(f"output: {files[0].parent}")
         return
     from rich.table import Table
 
@@ -258,11 +319,46 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     prompt = bundle.meta.get("prompt", "")
     params = {"prompt": prompt, "model": imagic.components.model_id, "bundle": bundle_path.name,
               "sample_steps": sample.steps, "guidance": sample.guidance}
-    files = write_samples(out, stem, samples, params, title=prompt)
-    report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path), "outputs": [str(f) for f in files]}
-    report["preset"]["sample"] = sample.__dict__
-    run_json = write_run_json(out, report)
-    _summary(report, [*files, run_json], json_out)
+    with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
+        files = write_samples(out, stem, samples, params, title=prompt)
+        report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
+                  "outputs": [str(f) for f in files]}
+        report["preset"]["sample"] = sample.__dict__
+        run_json = write_run_json(out, report)
+    _summary(report, [*files, run_json], json_out, quiet)
+
+
+# What a reader looks for first; anything else follows in name order.
+INFO_ORDER = ("prompt", "base_model", "family", "prediction_type", "width", "height", "original_width",
+              "original_height", "preset", "tune_mode", "seed", "created", "settings", "lora_config", "versions",
+              "unet_fingerprint", "format", "format_version")
+
+
+def _ordered_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """Bundle metadata in INFO_ORDER, with the values stored as JSON text (settings, lora_config, versions, ...)
+    decoded into objects."""
+    def value(key: str, text: str) -> Any:
+        if text[:1] in "{[" and "prompt" not in key:
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text
+        return text
+
+    keys = [k for k in INFO_ORDER if k in meta] + sorted(k for k in meta if k not in INFO_ORDER)
+    return {k: value(k, meta[k]) for k in keys}
+
+
+def _flat(value: Any, prefix: str = "") -> str:
+    """A decoded metadata value as `section.key = value` lines, whole (no cut)."""
+    if isinstance(value, dict) and value:
+        return "\n".join(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else f"{prefix}{k} = {_scalar(v)}"
+                         for k, v in value.items())
+    return _scalar(value)
+
+
+def _scalar(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 @cli.command(epilog=EXIT_HELP)
@@ -273,6 +369,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     from .bundle import describe
 
     data = describe(bundle_path)
+    data["metadata"] = _ordered_metadata(data["metadata"])
     if json_out:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -285,7 +382,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     from rich.text import Text
 
     for key, value in data["metadata"].items():  # Text(): a stranger's prompt must not be read as rich markup
-        meta.add_row(Text(key), Text(value if len(value) < 400 else value[:400] + "…"))
+        meta.add_row(Text(key), Text(_flat(value)))
     console.print(meta)
     tensors = Table(title="tensors")
     for col in ("group", "count", "dtype", "shape (first)", "bytes"):

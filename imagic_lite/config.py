@@ -15,6 +15,8 @@ from typing import Any
 
 from .errors import ConfigError
 
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # here, not in models.py: --help shows it, no torch
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover

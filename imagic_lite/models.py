@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import MemorySettings
+from .config import DEFAULT_MODEL, MemorySettings  # noqa: F401 - DEFAULT_MODEL re-exported
 from .errors import ConfigError, InputError, ModelError
 from .quant import cast_frozen, quantize_bnb, store_fp8
-
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 @dataclass

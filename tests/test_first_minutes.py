@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from importlib.metadata import distribution
+from pathlib import Path
 
 import pytest
 
@@ -50,13 +52,18 @@ FAST = ["--embed-steps", "2", "--tune-steps", "2", "--sample-steps", "2", "--eta
 
 
 def invoke(capsys, *args) -> tuple[int, str]:
+    code, err, _ = invoke_out(capsys, *args)
+    return code, err
+
+
+def invoke_out(capsys, *args) -> tuple[int, str, str]:
     from imagic_lite.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exit_info.value.code, err
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return exit_info.value.code, captured.err, captured.out
 
 
 @pytest.mark.parametrize(("args", "code_", "fragment"), [
@@ -97,10 +104,85 @@ def test_resume_guidance(photo, tmp_path, capsys, tiny_sd):
     assert code == 7 and "continue it with --resume" in err, err
     code, err = invoke(capsys, *run, "--out", out, "--resume")
     assert code == 2 and "different image" in err and "--overwrite instead of --resume" in err, err
-    code, err = invoke(capsys, *run, "--out", out, "--overwrite")
+    code, err, stdout = invoke_out(capsys, *run, "--out", out, "--overwrite")
     assert code == 0, err
+    assert stdout.strip() == f"output: {out}"  # --quiet: no stage table
     assert not (out / CHECKPOINT_NAME).exists()
     code, err = invoke(capsys, *run, "--out", out, "--resume")
     assert code == 2 and "imagic-lite edit" in err, err
     code, err = invoke(capsys, "edit", out / "photo.imagic.safetensors", "--out", out, "--vram", "3")
     assert code == 2 and "below the smallest preset" in err, err  # edit, too, checks settings before the folder
+
+
+def test_presets_needs_no_torch():
+    """`presets` prints a table: it reads the shipped architectures' facts files instead of building UNets."""
+    code = ("import sys\nfrom imagic_lite.cli import main\ntry:\n    main(['presets'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "4gb" in result.stdout and "est. B" in result.stdout
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
+def test_arch_facts_files_match_the_configs(arch):
+    """The facts files `presets` reads are what the configs build (regenerate: memory.build_arch_facts)."""
+    from imagic_lite.memory import arch_facts, build_arch_facts
+
+    assert arch_facts(f"arch:{arch}") == build_arch_facts(f"arch:{arch}")
+
+
+def test_info_orders_metadata_and_emits_objects(tmp_path, capsys, tiny_sd, photo):
+    import json
+
+    out = tmp_path / "o"
+    assert invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", out, *FAST)[0] == 0
+    bundle = out / "photo.imagic.safetensors"
+    code, err, stdout = invoke_out(capsys, "info", bundle, "--json")
+    assert code == 0, err
+    meta = json.loads(stdout)["metadata"]
+    assert list(meta)[:3] == ["prompt", "base_model", "family"]
+    assert meta["settings"]["tune"]["steps"] == 2 and isinstance(meta["versions"], dict)  # objects, not JSON text
+    code, err, stdout = invoke_out(capsys, "info", bundle)
+    assert code == 0 and "…" not in stdout and "tune.steps = 2" in stdout
+    assert stdout.index("prompt") < stdout.index("settings") < stdout.index("format_version")
+
+
+def test_run_help_shows_the_defaults(capsys):
+    from imagic_lite.config import DEFAULT_MODEL, SampleSettings
+
+    code, _, stdout = invoke_out(capsys, "run", "--help")
+    flat = "".join(stdout.split())
+    assert code == 0
+    assert DEFAULT_MODEL in flat and "imagic-out/IMAGE-NAME" in flat
+    assert ",".join(str(e) for e in SampleSettings().etas) in flat and "1.0,1.2,1.4,1.6" in flat
+
+
+def test_full_disk_while_writing_outputs(photo, tmp_path, capsys, tiny_sd, monkeypatch):
+    """ENOSPC while writing the images: exit 7, the folder named, how much the run writes, no half-file."""
+    import errno
+
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "o"
+    code, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", out, *FAST)
+    line = err.strip().splitlines()[-1]
+    assert code == 7 and str(out) in line and "is full" in line and "MB there" in line and "MB free" in line, err
+    assert sorted(p.name for p in out.iterdir()) == ["photo.imagic.safetensors"]  # complete, and nothing else
+
+
+def test_full_disk_inside_a_library_is_recognised(tmp_path):
+    """safetensors reports ENOSPC as SafetensorError('... (os error 28)'), not OSError."""
+    from safetensors import SafetensorError
+
+    from imagic_lite.errors import DiskFull
+    from imagic_lite.files import atomic_path
+
+    with pytest.raises(DiskFull, match="is full"), atomic_path(tmp_path / "b.safetensors") as tmp:
+        tmp.write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert list(tmp_path.iterdir()) == []
