@@ -191,8 +191,9 @@ def compute_dtype(weights: str, device: torch.device) -> torch.dtype:
         return torch.float16
     if weights == "bf16":
         return torch.bfloat16
-    # "half": bf16 where supported (no loss scaling needed), else fp16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # "half": bf16 where the card computes it natively (no loss scaling needed), else fp16 + loss scaling.
+    # torch.cuda.is_bf16_supported() counts emulation (a T4 says True) and asks the current device, not `device`.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return torch.float16
     return torch.bfloat16
 
@@ -302,9 +303,11 @@ def load_components(model: str, memory: MemorySettings, device: torch.device) ->
     vae_dtype = torch.float32 if (family.vae_fp16_unsafe and dtype == torch.float16) else dtype
     if vae_dtype != dtype:
         notes.append("VAE kept in fp32: the stock SDXL VAE overflows in fp16")
-    cast_frozen(vae, vae_dtype)
+    # The VAE and text encoders run outside autocast, where CUDA's norm kernels take one dtype for input and
+    # weight: each holds a single dtype, whole (cast_frozen's fp32 norms are for the UNet, which autocast feeds).
+    vae.to(vae_dtype)
     for encoder in encoders:
-        cast_frozen(encoder, dtype)
+        encoder.to(dtype)
     if memory.vae_slicing:
         vae.enable_slicing()
     if memory.vae_tiling:
