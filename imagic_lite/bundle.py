@@ -520,16 +520,18 @@ def bundle_original_size(meta: dict[str, str]) -> tuple[int, int] | None:
 
 
 def apply_bundle(bundle: Bundle, c: Components) -> None:
-    """Put the bundle's weights, rounded to fp16 exactly as stored, into `c.unet` (so re-editing reproduces)."""
-    from .lora import has_lora, load_lora
+    """Put the bundle's weights, rounded to fp16 exactly as stored, into the pristine `c.unet` (so re-editing
+    reproduces)."""
+    from .lora import load_lora
+    from .pristine import before_base_change, reset_unet
 
     weights = {k: v.to(torch.float16) for k, v in bundle.weights.items()}
+    reset_unet(c)  # a bundle never stacks on an earlier fit's or bundle's weights
     try:
         if bundle.mode == "lora":
             load_lora(c.unet, bundle.lora, weights)
         else:
-            if has_lora(c.unet):
-                c.unet.unload_lora()
+            before_base_change(c)
             c.unet.load_state_dict(weights, strict=True)  # copy_ casts fp16 into each parameter's dtype
     except (ValueError, RuntimeError, KeyError) as exc:
         raise BundleError(f"the bundle's weights do not fit this UNet: {str(exc).splitlines()[0][:200]}") from None
