@@ -195,8 +195,11 @@ class Imagic:
         from .bundle import Bundle, apply_bundle
         from .checkpoint import load_checkpoint, save_checkpoint
         from .images import load_image, prepare, to_tensor
+        from .pristine import reset_unet
 
         c, p = self.components, self.preset
+        reset_unet(c)  # stage A must see the base model, not the previous photo's tuning
+        self._applied = None
         if isinstance(image, str | Path):
             loaded = load_image(image)
             self.notes += list(loaded.notes)

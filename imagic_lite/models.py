@@ -80,6 +80,8 @@ class Components:
     fingerprint: str
     memory: MemorySettings
     notes: list[str] = field(default_factory=list)
+    pristine: dict[str, torch.Tensor] | None = None  # CPU copy of the base UNet, kept before a full fine-tune
+    unet_changed: bool = False  # the base weights differ from `pristine` (see pristine.py)
 
     @property
     def vae_scale(self) -> int:
