@@ -92,12 +92,12 @@ class Config:
     # This fraction of each batch (after the high-t part) is trained at the last timestep. With zero terminal SNR
     # that is pure noise in and -x0 out (v-prediction): the one place where only the caption can say where the
     # shape goes. At any t with signal left, even SD's last one (SNR 0.005, but summed over a whole shape), the
-    # UNet learns to read the layout off the noise instead (benchmarks/shapes_layout_toy.py: --input schedule vs
+    # UNet learns to read the layout off the noise instead (benchmarks/shapes/shapes_layout_toy.py: --input schedule vs
     # --input noise), and at sampling time it then reads a random layout off random noise.
     terminal_fraction: float = 0.0
     # Weight of the latent cells an object covers in the loss (1 = plain MSE), for colour on black and white
     # backgrounds: this VAE packs colours there about 2.5-3x closer together in latent space than on gray
-    # (benchmarks/shapes_vae_colour_separation.py), so a colour mistake there costs the plain loss very little.
+    # (benchmarks/shapes/shapes_vae_colour_separation.py), so a colour mistake there costs the plain loss very little.
     object_loss_weight: float = 1.0
 
 

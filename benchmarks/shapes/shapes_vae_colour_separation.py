@@ -26,7 +26,7 @@ from imagic_lite.shapes import world
 from imagic_lite.shapes.checker import read
 from imagic_lite.shapes.train import to_tensor
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from imagic_lite.images import to_tensor
 from imagic_lite.shapes import world
 from imagic_lite.shapes.evaluate import load_pipeline
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 @torch.no_grad()
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": str(model),
         "scheduler": {k: pipe.scheduler.config[k] for k in ("prediction_type", "timestep_spacing",
                                                              "rescale_betas_zero_snr", "beta_schedule")},
-        "command": " ".join(["python", "benchmarks/shapes_layout_probe.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python", "benchmarks/shapes/shapes_layout_probe.py", *(argv or sys.argv[1:])]),
         "device": f"{platform.machine()} cpu, 1 thread", "torch": torch.__version__, "notes": args.note,
         "settings": {"renders": args.renders, "draws": args.draws, "steps": args.steps, "seed": args.seed},
     }

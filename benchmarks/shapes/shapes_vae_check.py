@@ -23,7 +23,7 @@ from imagic_lite.files import atomic_path, write_text_atomic
 from imagic_lite.shapes import world
 from imagic_lite.shapes.train import to_tensor
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             tmp, format="PNG")
     result = {"decoders": rows, "n": args.n, "seed": args.seed, "picture": picture.name,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python", "benchmarks/shapes_vae_check.py", *(argv or sys.argv[1:])]),
+              "command": " ".join(["python", "benchmarks/shapes/shapes_vae_check.py", *(argv or sys.argv[1:])]),
               "device": f"{platform.machine()} cpu, 1 thread", "torch": torch.__version__}
     write_text_atomic(RESULTS / f"shapes-vae-{args.name}.json", json.dumps(result, indent=1) + "\n")
 

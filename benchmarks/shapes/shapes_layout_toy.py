@@ -42,7 +42,7 @@ from imagic_lite.shapes.train import (
     training_caption,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                      "condition": args.condition, "input": args.input, "init": str(args.init) if args.init else None,
                      "alpha_bar": round(float(a), 6), "unet_channels": cfg.unet_channels},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/shapes_layout_toy.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python", "benchmarks/shapes/shapes_layout_toy.py", *(argv or sys.argv[1:])]),
         "device": f"{platform.machine()} cpu, 1 thread", "torch": torch.__version__,
     }
     tail = "" if args.input == "schedule" else "-pure-noise"

@@ -5,7 +5,7 @@ Why: the 100-sample evaluation misses colour almost only on black and white back
 drawn blue). This shows per model and guidance scale where that starts, so a training change can be judged on it.
 Writes benchmarks/results/shapes-background-colour-<name>.json.
 
-    python benchmarks/shapes_background_colour.py MODEL [MODEL ...] --name NAME [--guidance 1,3,6]
+    python benchmarks/shapes/shapes_background_colour.py MODEL [MODEL ...] --name NAME [--guidance 1,3,6]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from imagic_lite.files import write_text_atomic  # noqa: E402
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": f"{platform.machine()} cpu, 1 thread",
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python benchmarks/shapes_background_colour.py", *sys.argv[1:]]),
+        "command": " ".join(["python benchmarks/shapes/shapes_background_colour.py", *sys.argv[1:]]),
     }
     out = ROOT / "benchmarks" / "results" / f"shapes-background-colour-{args.name}.json"
     write_text_atomic(out, json.dumps(result, indent=1) + "\n")
