@@ -180,7 +180,8 @@ def optimize_embedding(c: Components, latent: torch.Tensor, e_tgt: Cond, setting
 
     losses = _train_loop("A", c, params, optimizer, loss_fn, settings.steps, generator, progress, stop, resume)
     c.unet.eval()
-    e_opt = Cond(params["embeds"].detach().cpu(), None if "pooled" not in params else params["pooled"].detach().cpu())
+    pooled = None if "pooled" not in params else params["pooled"].detach().to(c.host)
+    e_opt = Cond(params["embeds"].detach().to(c.host), pooled)
     return e_opt, losses
 
 
@@ -213,7 +214,7 @@ def finetune(c: Components, latent: torch.Tensor, e_opt: Cond, settings: TuneSet
     c.unet.requires_grad_(False)
     del optimizer
     weights = lora_state_dict(c.unet) if settings.mode == "lora" else \
-        {k: v.detach().cpu().clone() for k, v in c.unet.state_dict().items()}
+        {k: v.detach().to(c.host).clone() for k, v in c.unet.state_dict().items()}
     return weights, losses
 
 
