@@ -186,3 +186,49 @@ def test_full_disk_inside_a_library_is_recognised(tmp_path):
         tmp.write_bytes(b"half")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_diffusers_export_readme_names_the_real_base_model_and_its_etas(tmp_path):
+    """Fast half of the check below, on a hand-made bundle: shapes loads via shapes_dir(), a local folder gets a
+    PATH/TO placeholder (its path is not shared), a hub id stays; the eta hint and steps are the run's own."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from imagic_lite.bundle import _write_readme
+    from imagic_lite.config import Preset, apply_overrides
+    from imagic_lite.models import Cond
+
+    settings = apply_overrides(Preset(), {"sample": {"etas": [1.0, 1.2, 1.4, 1.6], "steps": 15}}, "test").to_dict()
+    for model, expected in [("shapes", "from_pretrained(shapes_dir())"),
+                            ("/home/me/my-sd21", 'from_pretrained("PATH/TO/my-sd21")'),
+                            ("owner/name", 'from_pretrained("owner/name")')]:
+        meta = {"base_model": model, "settings": json.dumps(settings), "width": "64", "height": "64", "prompt": "p"}
+        _write_readme(SimpleNamespace(meta=meta, e_opt=Cond(torch.zeros(1, 2, 3))), tmp_path / "README.md")
+        readme = (tmp_path / "README.md").read_text()
+        assert expected in readme and "/home/me" not in readme
+        assert "eta 1-1.6" in readme and "num_inference_steps=15" in readme and "0.6" not in readme
+
+
+@pytest.mark.slow
+def test_diffusers_export_readme_code_runs_on_the_shipped_model(tmp_path):
+    """The exported README's code loads the bundle's real base model (the shapes folder, wherever imagic-lite is
+    installed) and produces an image; its eta hint is the model's own etas, not Stable Diffusion's."""
+    import re
+
+    from imagic_lite.api import Imagic
+    from imagic_lite.bundle import export
+    from imagic_lite.config import tomllib
+    from imagic_lite.models import shapes_dir
+
+    imagic = Imagic.from_pretrained("shapes", "cpu", overrides={"embed": {"steps": 0}, "tune": {"steps": 0}})
+    bundle = imagic.fit(Path(__file__).parent.parent / "examples" / "red-circle.png", "a blue circle")
+    export(bundle, "diffusers", tmp_path / "x", name="x")
+    readme = (tmp_path / "x" / "README.md").read_text()
+    etas = tomllib.loads((shapes_dir() / "imagic-lite.toml").read_text())["sample"]["etas"]
+    assert f"eta {min(etas):g}-{max(etas):g}" in readme
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1).replace("THIS_FOLDER", str(tmp_path / "x"))
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 - the README's own code, as a reader would paste it
+    assert namespace["image"].size == (64, 64)
