@@ -167,7 +167,7 @@ def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, 
     from .bundle import save_bundle
     from .checkpoint import CHECKPOINT_NAME
     from .imagic import StopFlag
-    from .outputs import write_run_json, write_samples
+    from .outputs import run_params, write_run_json, write_samples
     from .progress import StageProgress
 
     checkpoint = out / CHECKPOINT_NAME
@@ -179,9 +179,7 @@ def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, 
         checkpoint.unlink(missing_ok=True)
         _print_notes(console, imagic.notes[shown:])
         samples = imagic.generate(progress=progress, stop=stop)
-    params = {"prompt": prompt, "model": imagic.components.model_id, "preset": imagic.preset.name,
-              "seed_fit": seed, "sample_steps": imagic.preset.sample.steps, "guidance": imagic.preset.sample.guidance}
-    files = write_samples(out, stem, samples, params, title=prompt)
+    files = write_samples(out, stem, samples, run_params(imagic, prompt, seed), title=prompt)
     report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
               "bundle_bytes": size, "outputs": [str(f) for f in files]}
     run_json = write_run_json(out, report)
@@ -227,7 +225,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     from .bundle import check_compatible, load_bundle
     from .config import SampleSettings
     from .imagic import StopFlag
-    from .outputs import prepare_out_dir, write_run_json, write_samples
+    from .outputs import edit_params, prepare_out_dir, write_run_json, write_samples
     from .progress import StageProgress
 
     bundle = load_bundle(bundle_path)
@@ -248,9 +246,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
         samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop)
     prompt = bundle.meta.get("prompt", "")
-    params = {"prompt": prompt, "model": imagic.components.model_id, "bundle": bundle_path.name,
-              "sample_steps": sample.steps, "guidance": sample.guidance}
-    files = write_samples(out, stem, samples, params, title=prompt)
+    files = write_samples(out, stem, samples, edit_params(imagic, prompt, bundle_path.name, sample), title=prompt)
     report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path), "outputs": [str(f) for f in files]}
     report["preset"]["sample"] = sample.__dict__
     run_json = write_run_json(out, report)
@@ -368,6 +364,43 @@ def presets_command(json_out: bool) -> None:
             f"{est_b / 2**30:.2f} GiB" if est_b else "-", f"{meas_b / 2**30:.2f} GiB" if meas_b else "-",
         )
     _console(stderr=False).print(table)
+
+
+@cli.command(epilog=EXIT_HELP)
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to serve on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 lets other machines on your network use the page (and your GPU).")
+@click.option("--model", help="Model the page starts with: hub id, local diffusers folder, or `shapes`.")
+@click.option("--vram", help="GB of GPU memory to plan for, or auto (the page can change it).")
+@click.option("--device", help="Torch device, e.g. cuda:1 or cpu (default: cuda if present).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("imagic-out"), show_default=True,
+              help="Folder for uploads and outputs (one subfolder per run).")
+@click.option("--share", is_flag=True, help="Also open a public gradio.live link: anyone with it can use the page.")
+@click.pass_context
+def ui(ctx: click.Context, port: int, host: str, model: str | None, vram: str | None, device: str | None,
+       out: Path, share: bool) -> None:
+    """A local web page: drop a photo, type the edit, then slide eta (needs pip install 'imagic-lite[ui]')."""
+    import time
+
+    from .ui import UISettings, require_gradio, start
+
+    require_gradio()
+    from .models import DEFAULT_MODEL
+
+    demo = start(UISettings(model=model or DEFAULT_MODEL, vram=vram, out=out, host=host, port=port, share=share,
+                            device=device))
+    _quiet_libraries(ctx.obj["debug"])  # after the page is up: importing diffusers takes seconds
+    console = _console()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {host}: other machines can reach the page and use this GPU")
+    console.print(f"imagic-lite ui: [bold]http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/[/]"
+                  f"{f'  public: {demo.share_url}' if demo.share_url else ''}  files: {out}  (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        demo.close()
+        console.print("stopped")
 
 
 def _sigterm_as_interrupt() -> None:
