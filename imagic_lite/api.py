@@ -16,7 +16,15 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import Preset, SampleSettings, apply_overrides, load_preset, preset_for_vram, read_toml
+from .config import (
+    Preset,
+    SampleSettings,
+    apply_overrides,
+    check_resolved,
+    load_preset,
+    preset_for_vram,
+    read_toml,
+)
 from .errors import ConfigError, Interrupted
 from .imagic import Progress, Sample, StageState, StopFlag, _no_progress, finetune, generate, optimize_embedding
 from .models import DEFAULT_MODEL, Components, Cond, encode, encode_text, load_components, pick_device, resolve_model
@@ -77,18 +85,44 @@ def _parse_vram(vram: str) -> float:
     return gb
 
 
-def resolve_settings(model_dir: Path, preset: Preset, config_file: str | None, overrides: dict[str, Any]) -> Preset:
-    """defaults < preset < the model's recommendations < --config file < flags."""
-    recommended = model_dir / MODEL_RECOMMENDATIONS
-    if recommended.is_file():
-        data, text = read_toml(recommended)
-        preset = apply_overrides(preset, data, str(recommended), text)
+def resolve_settings(model_dir: Path | None, preset: Preset, config_file: str | None, overrides: dict[str, Any], *,
+                     family: str | None = None, tune_lr: float | None = None) -> Preset:
+    """defaults < preset < the model's recommendations < --config file < flags, for the model's family.
+
+    Each layer's [family.*] table (e.g. [sdxl.memory]) is applied right after that layer's plain tables, so it
+    beats them and every earlier layer, and a later layer still beats it. `tune_lr` (--tune-lr) sets the rate of
+    the mode the layers end up with; cross-section rules are checked last, before anything is loaded."""
+    if family is None:
+        from .models import detect_family
+
+        family = detect_family(model_dir).name
+    settings = preset.for_family(family)
+    layers: list[tuple[dict[str, Any], str, str]] = []
+    recommended = model_dir / MODEL_RECOMMENDATIONS if model_dir is not None else None  # None: not local yet
+    if recommended is not None and recommended.is_file():
+        layers.append((*read_toml(recommended), str(recommended)))
     if config_file:
-        data, text = read_toml(Path(config_file))
-        preset = apply_overrides(preset, data, config_file, text)
+        layers.append((*read_toml(Path(config_file)), config_file))
     if overrides:
-        preset = apply_overrides(preset, overrides, "command-line flags")
-    return preset
+        layers.append((overrides, "", "command-line flags"))
+    for data, text, source in layers:
+        settings = apply_overrides(settings, data, source, text).for_family(family)
+    if tune_lr is not None:
+        key = "full_lr" if settings.tune.mode == "full" else "lora_lr"
+        settings = apply_overrides(settings, {"tune": {key: tune_lr}}, "--tune-lr")
+    return check_resolved(settings)
+
+
+def check_settings(model: str, preset: str | None, vram: str | None, device: str | None,
+                   config_file: str | None, overrides: dict[str, Any], tune_lr: float | None = None) -> None:
+    """The settings checks of `from_pretrained` that need no download: a bad --device, --vram, --preset, --config
+    or flag fails (exit 2) before the output folder is looked at. A model already on disk adds its own TOML and
+    family; a hub id is checked as SD 1/2 (the family tables are validated either way)."""
+    pick_device(device)
+    chosen, _ = choose_preset(preset, vram, torch.device("cpu"), model)  # as on a CPU: no free-memory probe
+    local = model == "shapes" or model.startswith("arch:") or Path(model).expanduser().exists()
+    model_dir = resolve_model(model) if local else None
+    resolve_settings(model_dir, chosen, config_file, overrides, family=None if local else "sd", tune_lr=tune_lr)
 
 
 @dataclass
@@ -124,20 +158,20 @@ class Imagic:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, preset: str | Preset | None = None, *,
                         vram: str | None = None, device: str | None = None, config_file: str | None = None,
-                        overrides: dict[str, Any] | None = None) -> Imagic:
+                        overrides: dict[str, Any] | None = None, tune_lr: float | None = None,
+                        chatter: bool = False) -> Imagic:
+        """Load `model` with settings resolved as in `resolve_settings`; `tune_lr` is the stage B learning rate
+        of whichever tune mode the settings end up with (--tune-lr); `chatter=True` lets diffusers/transformers
+        print while loading."""
         dev = pick_device(device)
         notes: list[str] = []
         if isinstance(preset, Preset):
             chosen = preset
         else:
             chosen, notes = choose_preset(preset, vram, dev, model)
-        from .models import detect_family
-
-        model_dir = resolve_model(model)
-        chosen = chosen.for_family(detect_family(model_dir).name)
-        settings = resolve_settings(model_dir, chosen, config_file, overrides or {})
+        settings = resolve_settings(resolve_model(model), chosen, config_file, overrides or {}, tune_lr=tune_lr)
         start = time.perf_counter()
-        components = load_components(model, settings.memory, dev)
+        components = load_components(model, settings.memory, dev, chatter=chatter)
         self = cls(components, settings, notes)
         self.records.append(StageRecord("load", time.perf_counter() - start, 0, {}))
         return self
@@ -161,8 +195,11 @@ class Imagic:
         from .bundle import Bundle, apply_bundle
         from .checkpoint import load_checkpoint, save_checkpoint
         from .images import load_image, prepare, to_tensor
+        from .pristine import reset_unet
 
         c, p = self.components, self.preset
+        reset_unet(c)  # stage A must see the base model, not the previous photo's tuning
+        self._applied = None
         if isinstance(image, str | Path):
             loaded = load_image(image)
             self.notes += list(loaded.notes)

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .errors import BundleError, InputError, OutputError
+from .config import Preset, SampleSettings, apply_overrides
+from .errors import BundleError, ConfigError, InputError, OutputError
 from .files import atomic_path
 from .models import FAMILIES, Components, Cond
 
@@ -42,6 +43,15 @@ LORA_NAME = re.compile(rf"unet\.({_PATH})\.lora_([AB])\.weight")
 FULL_NAME = re.compile(rf"unet_full\.({_PATH})")
 SIDE = re.compile(r"[1-9][0-9]{0,4}")
 MAX_ORIGINAL_SIDE = 99_999  # the photo before resizing (SDXL time ids); 40 MP allows long thin panoramas
+# Size caps, one rule for the writer and the loader (`size_cap`): a file from a stranger must not make us read
+# gigabytes, yet every bundle we write must load. A full-mode bundle is the whole UNet in fp16, so its cap follows
+# the largest UNet of the family (parameters of the shipped arch configs, checked by tests/test_bundle.py: SD 2.x
+# 865.9 M is the larger "sd" UNet, SDXL 2567.5 M, i.e. a 5.1 GB bundle), plus 1 % for variants such as a 9-channel
+# inpainting conv_in, plus room for the embeddings, thumbnail and header. A LoRA bundle is a few MB at the ranks
+# people use; 4 GiB allows any sane rank.
+FULL_UNET_PARAMS = {"sd": 865_910_724, "sdxl": 2_567_463_684}
+LORA_CAP = 4 * 2**30
+EXTRAS_CAP = 64 * 2**20  # embeddings (SDXL: 2 x 631 kB), thumbnail (49 kB), header (at most MAX_HEADER)
 
 
 @dataclass
@@ -73,6 +83,24 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(set(keys)) != len(keys):
         raise BundleError(f"the header names {sorted(k for k in set(keys) if keys.count(k) > 1)[0]!r} twice")
     return dict(pairs)
+
+
+def size_cap(mode: str, family: str) -> int:
+    """The largest bundle file of this mode and family that `load_bundle` reads and `save_bundle` writes."""
+    if mode == "full":
+        return int(FULL_UNET_PARAMS[family] * 2 * 1.01) + EXTRAS_CAP
+    return LORA_CAP
+
+
+def _largest_cap() -> int:
+    return max(size_cap(mode, family) for mode in ("lora", "full") for family in FULL_UNET_PARAMS)
+
+
+def _check_size(size: int, mode: str, family: str, max_bytes: int | None, what: str) -> None:
+    cap = size_cap(mode, family) if max_bytes is None else max_bytes
+    if size > cap:
+        raise BundleError(f"{what} is {size / 2**30:.2f} GiB ({size} bytes), over the {cap}-byte limit for a "
+                          f"{family} {mode}-mode bundle")
 
 
 def _read_header(path: Path, max_bytes: int) -> tuple[dict[str, str], dict[str, _Entry]]:
@@ -195,6 +223,7 @@ def _check_meta(meta: dict[str, str]) -> tuple[str, str, dict | None]:
         raise BundleError("metadata 'created' is not an ISO 8601 date") from None
     for key in ("settings", "versions"):
         _json(meta, key)
+    stored_sample(meta)
     mode = meta["tune_mode"]
     if mode == "lora":
         if "lora_config" not in meta:
@@ -203,6 +232,20 @@ def _check_meta(meta: dict[str, str]) -> tuple[str, str, dict | None]:
     if mode != "full":
         raise BundleError(f"unknown tune mode {mode[:20]!r} (known: lora, full)")
     return mode, meta["family"], None
+
+
+def stored_sample(meta: dict[str, str]) -> SampleSettings:
+    """The stage C settings the run used, which `edit` starts from; checked like a TOML [sample] table.
+
+    Keys this version does not know are skipped, so a newer imagic-lite's bundle still edits."""
+    sample = _json(meta, "settings").get("sample", {})
+    if not isinstance(sample, dict):
+        raise BundleError("metadata 'settings' has a 'sample' that is not a JSON object")
+    known = {k: v for k, v in sample.items() if k in SampleSettings.__dataclass_fields__}
+    try:
+        return apply_overrides(Preset(), {"sample": known}, "metadata 'settings'").sample
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _check_layout(entries: dict[str, _Entry], mode: str, family: str, lora: dict | None) -> None:
@@ -300,8 +343,16 @@ def save_bundle(path: str | Path, bundle: Bundle, *, thumbnail: bool = True) -> 
     tensors = _tensors(bundle, thumbnail)
     _check_layout({k: _Entry(_name(v.dtype), tuple(v.shape), 0) for k, v in tensors.items()}, mode, family, lora)
     _check_finite(tensors)  # fp16 overflows to inf: a file we would refuse to load is never written
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    fix = ("lower tune.rank or name fewer tune.targets" if mode == "lora" else
+           f"this UNet is larger than any {family} UNet imagic-lite knows, so the file could not be loaded back")
+    try:
+        data = sum(t.numel() * t.element_size() for t in tensors.values())
+        _check_size(data, mode, family, None, "the bundle's tensor data")  # before writing gigabytes
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+            _check_size(tmp.stat().st_size, mode, family, None, "the bundle")  # the loader's exact test
+    except BundleError as exc:
+        raise BundleError(f"{exc}; nothing was written ({fix})") from None
     return Path(path).stat().st_size
 
 
@@ -315,19 +366,24 @@ def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
             raise BundleError(f"tensor {name[:120]!r} contains NaN or Inf values")
 
 
-def _validated_header(path: Path, max_bytes: int) -> tuple[dict[str, str], dict[str, _Entry], tuple]:
-    """Every check that needs no tensor data: size, header, metadata, names, dtypes, shapes."""
-    meta, entries = _read_header(path, max_bytes)
+def _validated_header(path: Path, max_bytes: int | None) -> tuple[dict[str, str], dict[str, _Entry], tuple]:
+    """Every check that needs no tensor data: size, header, metadata, names, dtypes, shapes.
+
+    The size is bounded twice: by the largest cap before the header is parsed, by the cap of the mode and family
+    the metadata names once it is (`max_bytes` replaces both)."""
+    meta, entries = _read_header(path, _largest_cap() if max_bytes is None else max_bytes)
     try:
         mode, family, lora = _check_meta(meta)
         _check_layout(entries, mode, family, lora)
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from None
+    _check_size(path.stat().st_size, mode, family, max_bytes, str(path))
     return meta, entries, (mode, family, lora)
 
 
-def load_bundle(path: str | Path, *, max_bytes: int = 4 * 2**30) -> Bundle:
-    """Read and validate a bundle without any model; nothing is unpickled or executed."""
+def load_bundle(path: str | Path, *, max_bytes: int | None = None) -> Bundle:
+    """Read and validate a bundle without any model; nothing is unpickled or executed. Files over `size_cap` for
+    their mode and family (or over `max_bytes`) are refused before any tensor is read."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -357,7 +413,7 @@ def load_bundle(path: str | Path, *, max_bytes: int = 4 * 2**30) -> Bundle:
     return Bundle(cond["tgt"], cond["opt"], weights, mode, lora, meta, thumb)
 
 
-def describe(path: str | Path, *, max_bytes: int = 4 * 2**30) -> dict[str, Any]:
+def describe(path: str | Path, *, max_bytes: int | None = None) -> dict[str, Any]:
     """What `imagic-lite info` shows, from the validated header alone (no tensor data is read)."""
     path = Path(path)
     meta, entries, _ = _validated_header(path, max_bytes)
@@ -369,8 +425,18 @@ def describe(path: str | Path, *, max_bytes: int = 4 * 2**30) -> dict[str, Any]:
         group = groups.setdefault(key, {"group": key, "count": 0, "dtype": e.dtype, "shape": e.shape, "bytes": 0})
         group["count"] += 1
         group["bytes"] += e.nbytes
+    thumbnail = list(entries["thumbnail"].shape) if "thumbnail" in entries else None
     return {"path": str(path), "file_bytes": path.stat().st_size, "metadata": meta, "tensors": rows,
-            "groups": list(groups.values()), "tensor_bytes": sum(e.nbytes for e in entries.values())}
+            "groups": list(groups.values()), "tensor_bytes": sum(e.nbytes for e in entries.values()),
+            "thumbnail": thumbnail, "privacy": privacy_note(thumbnail is not None)}
+
+
+def privacy_note(thumbnail: bool) -> str:
+    """What sharing a bundle gives away: e_opt and the tuned weights were fit to the photo, so eta 0 redraws it."""
+    held = ("a thumbnail of the input photo, and its e_opt and tuned weights" if thumbnail else
+            "no thumbnail, but its e_opt and tuned weights")
+    return (f"this bundle holds {held} reproduce the photo at eta 0: sharing the bundle (or an export of it) "
+            "shares the photo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,16 +520,18 @@ def bundle_original_size(meta: dict[str, str]) -> tuple[int, int] | None:
 
 
 def apply_bundle(bundle: Bundle, c: Components) -> None:
-    """Put the bundle's weights, rounded to fp16 exactly as stored, into `c.unet` (so re-editing reproduces)."""
-    from .lora import has_lora, load_lora
+    """Put the bundle's weights, rounded to fp16 exactly as stored, into the pristine `c.unet` (so re-editing
+    reproduces)."""
+    from .lora import load_lora
+    from .pristine import before_base_change, reset_unet
 
     weights = {k: v.to(torch.float16) for k, v in bundle.weights.items()}
+    reset_unet(c)  # a bundle never stacks on an earlier fit's or bundle's weights
     try:
         if bundle.mode == "lora":
             load_lora(c.unet, bundle.lora, weights)
         else:
-            if has_lora(c.unet):
-                c.unet.unload_lora()
+            before_base_change(c)
             c.unet.load_state_dict(weights, strict=True)  # copy_ casts fp16 into each parameter's dtype
     except (ValueError, RuntimeError, KeyError) as exc:
         raise BundleError(f"the bundle's weights do not fit this UNet: {str(exc).splitlines()[0][:200]}") from None
@@ -498,6 +566,25 @@ def export(bundle: Bundle, to: str, outdir: str | Path, *, name: str = "imagic",
     return list(plan)
 
 
+KOHYA_BLOCKS = ("down_blocks.", "up_blocks.", "mid_block.")  # where sd-scripts builds LoRA modules
+
+
+def export_warnings(bundle: Bundle, to: str) -> list[str]:
+    """What an export will not do everywhere, one line each, for the caller to show (the library never prints).
+
+    kohya sd-scripts builds LoRA modules only inside the UNet's transformer/resnet/up/downsample blocks, so LoRA
+    on conv_in, conv_out or the time/label embeddings is dropped there without a word; ComfyUI and diffusers load
+    it (FIELD-NOTES §5)."""
+    if to != "kohya" or bundle.mode != "lora":
+        return []
+    modules = sorted({k.split(".lora_")[0] for k in bundle.weights if not k.startswith(KOHYA_BLOCKS)})
+    if not modules:
+        return []
+    shown = ", ".join(modules[:8]) + (f" and {len(modules) - 8} more" if len(modules) > 8 else "")
+    return [f"kohya sd-scripts silently drops the LoRA on {shown} (outside its attention/resnet blocks); "
+            "ComfyUI and diffusers load it, so the edit differs there"]
+
+
 def _shareable(meta: dict[str, str]) -> dict[str, str]:
     """The metadata an export may carry: a hub id stays, a local model path shrinks to its folder name."""
     model = meta.get("base_model", "")
@@ -525,16 +612,42 @@ def _write_embeddings(bundle: Bundle, tmp: Path) -> None:
         tensors |= {"pooled_prompt_embeds": bundle.e_opt.pooled, "e_tgt_pooled": bundle.e_tgt.pooled}
     meta = _shareable(bundle.meta)
     meta["about"] = ("Imagic text-encoder outputs (not a textual-inversion embedding). prompt_embeds is e_opt; the "
-                     "edit conditions on eta*e_tgt + (1-eta)*e_opt (eta about 0.6-0.9), the same mix for the pooled "
-                     "pair on SDXL.")
+                     f"edit conditions on eta*e_tgt + (1-eta)*e_opt (this run sampled eta {_eta_range(bundle)}), the "
+                     "same mix for the pooled pair on SDXL.")
     meta["usage"] = ("pipe.load_lora_weights(folder); pipe(prompt_embeds=eta*e_tgt + (1-eta)*prompt_embeds, "
                      "negative_prompt_embeds=<the empty prompt, encoded>, height=..., width=...); see README.md")
     save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, str(tmp),
               metadata=meta)
 
 
+def _eta_range(bundle: Bundle) -> str:
+    """The etas the run sampled (the model's own defaults, or the user's), as `a-b`."""
+    try:
+        etas = stored_sample(bundle.meta).etas
+    except BundleError:
+        etas = SampleSettings().etas
+    return f"{min(etas):g}-{max(etas):g}" if len(etas) > 1 else f"{etas[0]:g}"
+
+
+def _base_model_code(bundle: Bundle, shared: dict[str, str]) -> tuple[str, str]:
+    """(import line, from_pretrained argument) that load the bundle's base model on the reader's machine."""
+    model = bundle.meta.get("base_model", "")
+    if model == "shapes":  # the shipped model, wherever imagic-lite is installed
+        return "from imagic_lite.models import shapes_dir\n", "shapes_dir()"
+    if shared.get("base_model") != model:  # a local folder: its path is not shared
+        where = "# PATH/TO: where the local folder the bundle was made on lives\n"
+        return where, f'"PATH/TO/{shared.get("base_model")}"'
+    return "", f'"{model}"'
+
+
 def _write_readme(bundle: Bundle, tmp: Path) -> None:
     meta, sdxl = _shareable(bundle.meta), bundle.e_opt.pooled is not None
+    try:
+        sample = stored_sample(bundle.meta)
+    except BundleError:
+        sample = SampleSettings()
+    extra_import, base = _base_model_code(bundle, meta)
+    eta = sorted(sample.etas)[len(sample.etas) // 2]
     pipe = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     negatives = "neg, _, neg_pooled, _" if sdxl else "neg, _"
     pooled = ('    pooled_prompt_embeds=eta * emb["e_tgt_pooled"] + (1 - eta) * emb["pooled_prompt_embeds"],\n'
@@ -546,20 +659,22 @@ def _write_readme(bundle: Bundle, tmp: Path) -> None:
 Base model `{meta.get('base_model')}`, {meta.get('width')}x{meta.get('height')} px, prompt {meta.get('prompt')!r}.
 `pytorch_lora_weights.safetensors` is the UNet LoRA (diffusers layout, lora_alpha in its metadata);
 `embeddings.safetensors` holds e_tgt and e_opt (as `prompt_embeds`): text-encoder outputs, not
-textual-inversion tokens. eta = 0 reconstructs the photo, eta = 1 follows the prompt.
+textual-inversion tokens. eta = 0 reconstructs the photo, eta = 1 follows the prompt; this run sampled
+eta {_eta_range(bundle)} with {sample.steps} DDIM steps and guidance {sample.guidance:g}.
 
 ```python
 from diffusers import {pipe}
 from safetensors.torch import load_file
-
-pipe = {pipe}.from_pretrained("{meta.get('base_model')}")
+{extra_import}
+pipe = {pipe}.from_pretrained({base})
 pipe.load_lora_weights("THIS_FOLDER")
-emb, eta = load_file("THIS_FOLDER/embeddings.safetensors"), 0.7
+emb, eta = load_file("THIS_FOLDER/embeddings.safetensors"), {eta:g}
 {negatives} = pipe.encode_prompt("", device=pipe.device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=False)
 image = pipe(
     prompt_embeds=eta * emb["e_tgt"] + (1 - eta) * emb["prompt_embeds"], negative_prompt_embeds=neg,
 {pooled}    height={meta.get('height')}, width={meta.get('width')},
+    num_inference_steps={sample.steps}, guidance_scale={sample.guidance:g},
 ).images[0]
 ```
 In ComfyUI the mix is the `Conditioning (Average)` node (strength eta on e_tgt).

@@ -18,6 +18,7 @@ from .models import Cond
 
 CHECKPOINT_NAME = "checkpoint.imagic-resume.safetensors"
 FORMAT = "imagic-lite.checkpoint/1"
+START_OVER = "pass --overwrite instead of --resume to start over (that discards the checkpoint)"
 
 
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -73,13 +74,13 @@ def load_checkpoint(path: Path, run_key: str) -> tuple[StageState, Cond | None]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         skeleton = json.loads(meta["state"])
     except Exception as exc:
-        raise InputError(f"cannot resume: {path} is not a readable checkpoint ({type(exc).__name__}); "
-                         "rerun without --resume") from None
+        raise InputError(f"cannot resume: {path} is not a readable checkpoint ({type(exc).__name__}); {START_OVER}"
+                         ) from None
     if meta.get("format") != FORMAT:
-        raise InputError(f"cannot resume: {path} is not an imagic-lite checkpoint; rerun without --resume")
+        raise InputError(f"cannot resume: {path} is not an imagic-lite checkpoint; {START_OVER}")
     if meta.get("run_key") != run_key:
-        raise InputError("cannot resume: the checkpoint belongs to a different image, prompt, model or settings; "
-                         "rerun with the same ones, or without --resume")
+        raise InputError(f"cannot resume: {path} belongs to a different image, prompt, model or settings; rerun "
+                         f"with the same ones and --resume, or {START_OVER}")
     state = StageState(
         stage=skeleton["stage"], step=int(skeleton["step"]),
         params=_unflatten(skeleton["params"], tensors),

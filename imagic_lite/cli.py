@@ -5,7 +5,9 @@ Heavy imports (torch, diffusers) happen inside commands so `--help` answers at o
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +31,7 @@ def _quiet_libraries(debug: bool) -> None:
     if debug:
         return
     warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel warning (diffusers imports it)
     import diffusers
     import transformers
 
@@ -53,10 +56,12 @@ def _numbers(text: str | None, name: str, kind: type = float) -> tuple | None:
 
 
 def _overrides(**flags: Any) -> dict[str, dict[str, Any]]:
-    """Flags as a TOML-shaped table, so they are validated by the same code as preset files."""
+    """Flags as a TOML-shaped table, so they are validated by the same code as preset files.
+
+    --tune-lr is not here: which rate it sets depends on the mode after every layer (api.resolve_settings)."""
     where = {
         "embed_steps": ("embed", "steps"), "embed_lr": ("embed", "lr"), "tune_steps": ("tune", "steps"),
-        "tune_lr": ("tune", None), "rank": ("tune", "rank"), "mode": ("tune", "mode"),
+        "rank": ("tune", "rank"), "mode": ("tune", "mode"),
         "sample_steps": ("sample", "steps"), "guidance": ("sample", "guidance"), "etas": ("sample", "etas"),
         "seeds": ("sample", "seeds"), "batch": ("sample", "batch"),
     }
@@ -65,8 +70,6 @@ def _overrides(**flags: Any) -> dict[str, dict[str, Any]]:
         if value is None:
             continue
         section, key = where[flag]
-        if flag == "tune_lr":
-            key = "full_lr" if flags.get("mode") == "full" else "lora_lr"
         table.setdefault(section, {})[key] = list(value) if isinstance(value, tuple) else value
     return table
 
@@ -86,20 +89,39 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _etas_default() -> str:
+    """What --etas defaults to, read from the settings (defaults and the shapes model's TOML), for --help."""
+    from .config import SampleSettings, tomllib
+
+    shapes = Path(__file__).parent / "shapes" / "model" / "imagic-lite.toml"
+    try:
+        shapes_etas = tomllib.loads(shapes.read_text())["sample"]["etas"]
+    except (OSError, KeyError, ValueError):
+        shapes_etas = []
+    numbers = ",".join(str(float(e)) for e in SampleSettings().etas)
+    return f"{numbers}; --model shapes {','.join(str(float(e)) for e in shapes_etas)}; edit: the bundle's"
+
+
 def _common_sample_options(fn):
+    from .config import DEFAULT_MODEL
+
     for option in reversed([
-        click.option("--etas", help="Interpolation weights, e.g. 0.6,0.7,0.8 (e = eta*e_tgt + (1-eta)*e_opt)."),
+        click.option("--etas", show_default=_etas_default(),
+                     help="Interpolation weights, e.g. 0.6,0.7,0.8 (e = eta*e_tgt + (1-eta)*e_opt)."),
         click.option("--seeds", help="Sampling seeds, e.g. 0,1,2."),
         click.option("--sample-steps", type=int, help="DDIM steps in stage C."),
         click.option("--guidance", type=float, help="Classifier-free guidance scale."),
         click.option("--batch", type=int, help="Images per UNet call in stage C."),
-        click.option("--model", help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
+        click.option("--model", show_default=f"{DEFAULT_MODEL}; edit: the bundle's base model",
+                     help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
         click.option("--vram", help="GB of GPU memory to plan for (picks the fastest preset that fits), or auto."),
         click.option("--preset", help="Preset name (see `imagic-lite presets`) or TOML file; overrides --vram."),
         click.option("--device", help="Torch device, e.g. cuda:1 or cpu (default: cuda if present)."),
-        click.option("--out", type=click.Path(path_type=Path), help="Output folder."),
+        click.option("--out", type=click.Path(path_type=Path), show_default="imagic-out/IMAGE-NAME; edit: "
+                     "imagic-out/BUNDLE-NAME-edit", help="Output folder."),
         click.option("--overwrite", is_flag=True, help="Replace files in an existing output folder."),
-        click.option("--quiet", is_flag=True, help="No progress display."),
+        click.option("--quiet", is_flag=True, help="No progress display and no stage table: notes, warnings and "
+                     "the output folder only."),
         click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout."),
     ]):
         fn = option(fn)
@@ -136,20 +158,26 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
     if seed < 0:
         raise InputError(f"--seed must be >= 0, got {seed}")
     overrides = _overrides(
-        embed_steps=embed_steps, embed_lr=embed_lr, tune_steps=tune_steps, tune_lr=tune_lr, rank=rank, mode=mode,
+        embed_steps=embed_steps, embed_lr=embed_lr, tune_steps=tune_steps, rank=rank, mode=mode,
         sample_steps=sample_steps, guidance=guidance, etas=_numbers(etas, "--etas"),
         seeds=_numbers(seeds, "--seeds", int), batch=batch,
     )
     loaded = load_image(image)  # before the model: a bad file should fail in a second, not after loading
     stem = image.stem.replace(".", "_") or "image"
-    out = prepare_out_dir(out or Path("imagic-out") / stem, overwrite=overwrite, resume=resume)
     _quiet_libraries(ctx.obj["debug"])
-    from .api import Imagic
+    from .api import Imagic, check_settings
     from .models import DEFAULT_MODEL
+
+    # Options and settings first (exit 2), the output folder last before the work (exit 7).
+    check_settings(model or DEFAULT_MODEL, preset, vram, device, str(config_file) if config_file else None, overrides,
+                   tune_lr)
+    out = prepare_out_dir(out or Path("imagic-out") / stem, overwrite=overwrite, resume=resume)
 
     console = _console()
     imagic = Imagic.from_pretrained(model or DEFAULT_MODEL, preset, vram=vram, device=device,
-                                    config_file=str(config_file) if config_file else None, overrides=overrides)
+                                    config_file=str(config_file) if config_file else None, overrides=overrides,
+                                    tune_lr=tune_lr,  # for the final mode: a preset or --config may choose full
+                                    chatter=ctx.obj["debug"])
     imagic.notes[:0] = list(loaded.notes)
     _print_notes(console, imagic.notes)
     shown = len(imagic.notes)
@@ -158,8 +186,46 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
         console.print(f"[bold]imagic-lite[/] preset [cyan]{p.name}[/] on {imagic.components.device} "
                       f"({str(imagic.components.dtype).replace('torch.', '')}), model {imagic.components.model_id}, "
                       f"{p.embed.steps}+{p.tune.steps} steps, tune {p.tune.mode}")
-    _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
-                quiet=quiet, json_out=json_out, console=console, shown=shown)
+    with _disk_full_says_need(_output_bytes(imagic, len(imagic.preset.sample.etas) * len(imagic.preset.sample.seeds))):
+        _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
+                    quiet=quiet, json_out=json_out, console=console, shown=shown)
+
+
+def _output_bytes(imagic, images: int, *, bundle: bool = True) -> int:
+    """About what a run writes, for the disk-full message: the bundle (LoRA or full UNet in fp16, the two
+    embeddings) and PNGs at most their uncompressed size (samples, and a grid of them beside the input)."""
+    import math
+
+    from .bundle import lora_shapes
+    from .lora import lora_config
+
+    c, p = imagic.components, imagic.preset
+    total = 2**20 + (2 * images + 2) * c.native**2 * 3  # + metadata, run.json, thumbnail
+    if bundle:
+        if p.tune.mode == "lora":
+            weights = sum(math.prod(s) for s in lora_shapes(c.unet, lora_config(p.tune)).values())
+        else:
+            weights = sum(t.numel() for t in c.unet.parameters())
+        hidden = sum(int(e.config.hidden_size) for e in c.text_encoders)
+        total += 2 * weights + 2 * 4 * hidden * 77
+    return total
+
+
+@contextlib.contextmanager
+def _disk_full_says_need(need: int):
+    """A full disk while writing outputs: say how much the run writes, and how much is free."""
+    import shutil
+
+    from .errors import DiskFull
+
+    try:
+        yield
+    except DiskFull as exc:
+        try:
+            free = f", {shutil.disk_usage(exc.folder).free / 2**20:.1f} MB free now"
+        except (OSError, TypeError):
+            free = ""
+        raise DiskFull(f"{exc.message}; this run writes up to {need / 2**20:.1f} MB there{free}", exc.folder) from None
 
 
 def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, resume: bool, thumbnail: bool,
@@ -183,12 +249,15 @@ def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, 
     report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
               "bundle_bytes": size, "outputs": [str(f) for f in files]}
     run_json = write_run_json(out, report)
-    _summary(report, [bundle_path, *files, run_json], json_out)
+    _summary(report, [bundle_path, *files, run_json], json_out, quiet)
 
 
-def _summary(report: dict[str, Any], files: list[Path], json_out: bool) -> None:
+def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: bool = False) -> None:
     if json_out:
         click.echo(json.dumps(report, indent=2, default=str))
+        return
+    if quiet:  # no stage table: one line saying where the results are
+        _console(stderr=False).print(f"output: {files[0].parent}")
         return
     from rich.table import Table
 
@@ -222,35 +291,71 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     """Stage C only: new etas and seeds from a saved bundle, no input image, no training."""
     from dataclasses import replace
 
-    from .bundle import check_compatible, load_bundle
-    from .config import SampleSettings
+    from .bundle import check_compatible, load_bundle, stored_sample
     from .imagic import StopFlag
     from .outputs import edit_params, prepare_out_dir, write_run_json, write_samples
     from .progress import StageProgress
 
     bundle = load_bundle(bundle_path)
     stem = bundle_path.name.split(".imagic")[0] or "bundle"
-    out = prepare_out_dir(out or Path("imagic-out") / f"{stem}-edit", overwrite=overwrite)
-    _quiet_libraries(ctx.obj["debug"])
-    from .api import Imagic
-
-    console = _console()
-    imagic = Imagic.from_pretrained(model or bundle.meta["base_model"], preset, vram=vram, device=device)
-    warnings_ = check_compatible(bundle, imagic.components, force=force)
-    _print_notes(console, imagic.notes + warnings_)
-    stored = json.loads(bundle.meta.get("settings", "{}")).get("sample", {})
-    base = SampleSettings(**{k: v for k, v in stored.items() if k in SampleSettings.__dataclass_fields__})
+    base = stored_sample(bundle.meta)
     flags = {"etas": _numbers(etas, "--etas"), "seeds": _numbers(seeds, "--seeds", int), "steps": sample_steps,
              "guidance": guidance, "batch": batch}
     sample = replace(base, **{k: v for k, v in flags.items() if v is not None})
+    _quiet_libraries(ctx.obj["debug"])
+    from .api import Imagic, check_settings
+
+    check_settings(model or bundle.meta["base_model"], preset, vram, device, None, {})  # before the folder check
+    out = prepare_out_dir(out or Path("imagic-out") / f"{stem}-edit", overwrite=overwrite)
+    console = _console()
+    imagic = Imagic.from_pretrained(model or bundle.meta["base_model"], preset, vram=vram, device=device,
+                                    chatter=ctx.obj["debug"])
+    warnings_ = check_compatible(bundle, imagic.components, force=force)
+    _print_notes(console, imagic.notes + warnings_)
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
         samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop)
     prompt = bundle.meta.get("prompt", "")
-    files = write_samples(out, stem, samples, edit_params(imagic, prompt, bundle_path.name, sample), title=prompt)
-    report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path), "outputs": [str(f) for f in files]}
-    report["preset"]["sample"] = sample.__dict__
-    run_json = write_run_json(out, report)
-    _summary(report, [*files, run_json], json_out)
+    params = edit_params(imagic, prompt, bundle_path.name, sample)
+    with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
+        files = write_samples(out, stem, samples, params, title=prompt)
+        report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
+                  "outputs": [str(f) for f in files]}
+        report["preset"]["sample"] = sample.__dict__
+        run_json = write_run_json(out, report)
+    _summary(report, [*files, run_json], json_out, quiet)
+
+
+# What a reader looks for first; anything else follows in name order.
+INFO_ORDER = ("prompt", "base_model", "family", "prediction_type", "width", "height", "original_width",
+              "original_height", "preset", "tune_mode", "seed", "created", "settings", "lora_config", "versions",
+              "unet_fingerprint", "format", "format_version")
+
+
+def _ordered_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """Bundle metadata in INFO_ORDER, with the values stored as JSON text (settings, lora_config, versions, ...)
+    decoded into objects."""
+    def value(key: str, text: str) -> Any:
+        if text[:1] in "{[" and "prompt" not in key:
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text
+        return text
+
+    keys = [k for k in INFO_ORDER if k in meta] + sorted(k for k in meta if k not in INFO_ORDER)
+    return {k: value(k, meta[k]) for k in keys}
+
+
+def _flat(value: Any, prefix: str = "") -> str:
+    """A decoded metadata value as `section.key = value` lines, whole (no cut)."""
+    if isinstance(value, dict) and value:
+        return "\n".join(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else f"{prefix}{k} = {_scalar(v)}"
+                         for k, v in value.items())
+    return _scalar(value)
+
+
+def _scalar(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 @cli.command(epilog=EXIT_HELP)
@@ -261,6 +366,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     from .bundle import describe
 
     data = describe(bundle_path)
+    data["metadata"] = _ordered_metadata(data["metadata"])
     if json_out:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -273,7 +379,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     from rich.text import Text
 
     for key, value in data["metadata"].items():  # Text(): a stranger's prompt must not be read as rich markup
-        meta.add_row(Text(key), Text(value if len(value) < 400 else value[:400] + "…"))
+        meta.add_row(Text(key), Text(_flat(value)))
     console.print(meta)
     tensors = Table(title="tensors")
     for col in ("group", "count", "dtype", "shape (first)", "bytes"):
@@ -281,6 +387,7 @@ def info(bundle_path: Path, json_out: bool) -> None:
     for row in data["groups"]:
         tensors.add_row(Text(row["group"]), str(row["count"]), row["dtype"], str(row["shape"]), f"{row['bytes']:,}")
     console.print(tensors)
+    console.print(f"[yellow]privacy:[/] {data['privacy']}")
 
 
 @cli.command(epilog=EXIT_HELP)
@@ -293,12 +400,15 @@ def export(bundle_path: Path, outdir: Path, to: str, overwrite: bool) -> None:
     import re
 
     from .bundle import export as export_bundle
-    from .bundle import load_bundle
+    from .bundle import export_warnings, load_bundle
 
     name = re.sub(r"[^A-Za-z0-9._-]", "_", bundle_path.name.split(".imagic")[0]) or "imagic"
-    files = export_bundle(load_bundle(bundle_path), to, outdir, name=name, overwrite=overwrite)
+    bundle = load_bundle(bundle_path)
+    files = export_bundle(bundle, to, outdir, name=name, overwrite=overwrite)
     for f in files:
         click.echo(str(f))
+    for line in export_warnings(bundle, to):
+        click.echo(f"warning: {line}", err=True)
 
 
 @cli.command(epilog=EXIT_HELP)

@@ -15,6 +15,8 @@ from typing import Any
 
 from .errors import ConfigError
 
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # here, not in models.py: --help shows it, no torch
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -138,10 +140,12 @@ class Preset:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "family"}
 
     def for_family(self, name: str) -> Preset:
+        """These settings as they apply to a model of family `name`: its table over the plain sections.
+
+        A resolved preset carries no family tables, so each layer's table is applied right after that layer
+        (see api.resolve_settings) and a later layer's plain keys still override an earlier family table."""
         table = self.family.get(name)
-        if not table:
-            return self
-        return apply_overrides(replace(self, family={}), table, f"preset {self.name} [{name}.*]")
+        return apply_overrides(replace(self, family={}), table or {}, f"preset {self.name} [{name}.*]")
 
 
 SECTIONS = {"embed": EmbedSettings, "tune": TuneSettings, "sample": SampleSettings, "memory": MemorySettings}
@@ -181,10 +185,28 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         value = float(value)
     elif typ == "str":
         _check(isinstance(value, str), f"{where}: expected a string, got {value!r}")
-    elif typ.startswith("tuple"):
-        _check(isinstance(value, list), f"{where}: expected a list, got {value!r}")
-        value = tuple(value)
+    elif typ.startswith("tuple["):
+        _check(isinstance(value, list | tuple), f"{where}: expected a list, got {value!r}")
+        element = typ[len("tuple["):].split(",")[0].strip()  # "tuple[float, ...]" -> "float"
+        value = tuple(_coerce(v, element, f"{where}, item {i + 1}") for i, v in enumerate(value))
     return value
+
+
+def _merge_family(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Two [family.*] tables as one, key by key (a later [sdxl.memory] storage must not drop checkpointing)."""
+    merged = {section: dict(values) for section, values in old.items()}
+    for section, values in new.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    return merged
+
+
+def check_resolved(preset: Preset) -> Preset:
+    """Rules across sections, checked once every layer is applied (an earlier layer may be fixed by a later one)."""
+    if preset.tune.mode == "full" and preset.memory.storage != "none":
+        raise ConfigError(f"tune.mode = 'full' trains every UNet weight, which needs an unquantized base, but "
+                          f"memory.storage = {preset.memory.storage!r} (preset {preset.name}); use --mode lora or a "
+                          f"preset without quantized storage, e.g. --preset paper")
+    return preset
 
 
 def apply_overrides(preset: Preset, data: dict[str, Any], source: str, text: str = "") -> Preset:
@@ -198,7 +220,7 @@ def apply_overrides(preset: Preset, data: dict[str, Any], source: str, text: str
             _check(isinstance(value, dict) and set(value) <= set(SECTIONS),
                    f"{where}: [{key}.*] may only hold {', '.join(f'[{key}.{s}]' for s in SECTIONS)} tables")
             apply_overrides(Preset(), value, f"{source} [{key}.*]", "")  # validate now, apply later
-            families[key] = value
+            families[key] = _merge_family(families.get(key, {}), value)
         elif key in SECTIONS:
             _check(isinstance(value, dict), f"{_where(source, text, None, key)}: expected a [{key}] table")
             known = {f.name: f.type for f in fields(SECTIONS[key])}

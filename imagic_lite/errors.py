@@ -55,6 +55,18 @@ class OutputError(ImagicError):
     exit_code = 7
 
 
+class DiskFull(OutputError):
+    """The disk (or quota) ran out while writing an output; the half-written temporary file was removed."""
+
+    exit_code = 7
+
+    HINT = "free space there or choose another --out"
+
+    def __init__(self, message: str, folder: object = None) -> None:
+        super().__init__(f"{message}; {self.HINT}")
+        self.message, self.folder = message, folder
+
+
 class Interrupted(ImagicError):
     """Ctrl-C or SIGTERM; a resumable checkpoint may have been written."""
 

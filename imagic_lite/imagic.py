@@ -190,6 +190,9 @@ def finetune(c: Components, latent: torch.Tensor, e_opt: Cond, settings: TuneSet
     else:
         if c.memory.storage != "none":
             raise ConfigError("tune.mode = 'full' needs an unquantized base (memory.storage = 'none')")
+        from .pristine import before_base_change
+
+        before_base_change(c)
         c.unet.float()  # the paper's way: every weight trains, in fp32
         c.unet.requires_grad_(True)
         named = dict(c.unet.named_parameters())

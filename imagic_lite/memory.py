@@ -12,11 +12,13 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import Preset, all_presets
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 GiB = 2**30
 STAGES = ("A", "B", "C")
@@ -88,12 +90,16 @@ class PeakMemory:
     the block raised (an OOM is a measurement too)."""
 
     def __init__(self, device: torch.device | str) -> None:
+        import torch
+
         self.device = torch.device(device)
         self.peak: Peak | None = None
         self._start = 0
         self._sampler: _RssSampler | None = None
 
     def __enter__(self) -> PeakMemory:
+        import torch
+
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -108,6 +114,8 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> bool:
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = Peak("cuda_max_allocated", torch.cuda.max_memory_allocated(self.device), self._start,
@@ -164,8 +172,24 @@ def facts_from_modules(name: str, family: str, unet, vae, text_encoders) -> Arch
     )
 
 
+FACTS_FILE = "imagic-lite-facts.json"  # beside an arch's model_index.json: its ArchFacts, so `presets` needs no torch
+
+
 def arch_facts(model: str = "arch:sd15") -> ArchFacts:
-    """Facts for `model` (`arch:NAME`, a folder, or a cached hub id), built on the meta device in seconds."""
+    """Facts for `model` (`arch:NAME`, a folder, or a cached hub id), built on the meta device in seconds; for the
+    shipped architectures read from their facts file (tests/test_first_minutes.py keeps it equal to the build)."""
+    if model.startswith("arch:"):
+        cached = Path(__file__).parent / "archs" / model[5:] / FACTS_FILE
+        if cached.is_file():
+            data = json.loads(cached.read_text())
+            return ArchFacts(**{**data, "attn_linears": tuple(tuple(a) for a in data["attn_linears"])})
+    return build_arch_facts(model)
+
+
+def build_arch_facts(model: str) -> ArchFacts:
+    """`arch_facts` without the cache: the model's configs built on the meta device (imports diffusers)."""
+    import torch
+
     from .models import _build_random, detect_family, resolve_model
 
     path = resolve_model(model)
@@ -297,6 +321,8 @@ def peak_estimate(preset: Preset, facts: ArchFacts, height: int, width: int, dev
 
 def auto_vram() -> float | None:
     """Free CUDA memory in GiB, or None without CUDA (the CLI then uses the `cpu` preset)."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     free, _ = torch.cuda.mem_get_info()

@@ -5,20 +5,21 @@ The one place that knows SD 1/2 from SDXL: a small Family table plus one text-en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import MemorySettings
+from .config import DEFAULT_MODEL, MemorySettings  # noqa: F401 - DEFAULT_MODEL re-exported
 from .errors import ConfigError, InputError, ModelError
 from .quant import cast_frozen, quantize_bnb, store_fp8
-
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Components:
     fingerprint: str
     memory: MemorySettings
     notes: list[str] = field(default_factory=list)
+    pristine: dict[str, torch.Tensor] | None = None  # CPU copy of the base UNet, kept before a full fine-tune
+    unet_changed: bool = False  # the base weights differ from `pristine` (see pristine.py)
 
     @property
     def vae_scale(self) -> int:
@@ -165,10 +168,17 @@ def resolve_model(model: str) -> Path:
         ) from None
 
 
-# Only what we load: hub repos also hold multi-GB single-file checkpoints, EMA and fp16 copies, .bin files.
+# Exactly what we load (the non-variant safetensors, single or sharded with its index): hub repos also hold
+# multi-GB single-file checkpoints, `.fp16`/`.non_ema` variant copies and .bin files, which we never read.
+# huggingface_hub matches these with fnmatch, where `*` also matches `.`: a `*` next to the stem would take
+# `diffusion_pytorch_model.fp16.safetensors` too, so shard numbers are spelled out (5 digits, as every writer does).
+_SHARD = "-" + "[0-9]" * 5 + "-of-" + "[0-9]" * 5 + ".safetensors"
 HUB_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*",
-                "unet/diffusion_pytorch_model*.safetensors*", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder*/model*.safetensors*")
+                "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
+                "unet/diffusion_pytorch_model" + _SHARD,
+                "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder*/model.safetensors", "text_encoder*/model.safetensors.index.json",
+                "text_encoder*/model" + _SHARD)
 
 
 def download_command(model: str) -> str:
@@ -249,10 +259,30 @@ def _build_random(path: Path, family: Family) -> tuple:
     return unet, vae, encoders, [tokenizer] * family.text_encoders, scheduler
 
 
+def loaded_unet_files(folder: Path) -> list[Path]:
+    """The UNet weight files diffusers loads from `folder` (no variant, safetensors): the shards an index names
+    when the index exists (diffusers prefers it), else the single file; [] when neither is there or the index
+    is unusable (loading then fails or falls back, and the in-memory fingerprint applies)."""
+    import json
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+        if not all(isinstance(n, str) and n == Path(n).name and (folder / n).is_file() for n in names):
+            return []
+        return [folder / n for n in sorted(names)]
+    single = folder / "diffusion_pytorch_model.safetensors"
+    return [single] if single.is_file() else []
+
+
 def file_fingerprint(folder: Path) -> str | None:
-    """Identity of a UNet checkpoint from its safetensors files: header plus 4096 strided 16-byte samples of the
-    data, so it does not depend on the dtype we load into and costs milliseconds even for SDXL's 10 GB file."""
-    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    """Identity of a UNet checkpoint from the safetensors files we load (`loaded_unet_files`; a `.fp16` or
+    `.non_ema` copy beside them changes nothing): header plus 4096 strided 16-byte samples of the data, so it does
+    not depend on the dtype we load into and costs milliseconds even for SDXL's 10 GB file."""
+    files = loaded_unet_files(folder)
     if not files:
         return None
     digest = hashlib.sha256()
@@ -299,8 +329,49 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_components(model: str, memory: MemorySettings, device: torch.device) -> Components:
-    """Load `model` and apply every memory knob of `memory`; all base weights frozen."""
+@contextlib.contextmanager
+def library_chatter(shown: bool) -> Iterator[None]:
+    """Silence what diffusers, transformers and bitsandbytes print while loading ("Loading weights" bars, "modules
+    ... kept in float32", bitsandbytes' CPU-kernel warning at import): the library never prints, and the CLI shows
+    only its own lines unless --debug. Every setting is restored afterwards."""
+    if shown:
+        yield
+        return
+    import diffusers
+    import transformers
+
+    dlog, tlog = diffusers.utils.logging, transformers.utils.logging
+    bnb = logging.getLogger("bitsandbytes")
+    before = (dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(),
+              tlog.is_progress_bar_enabled(), bnb.level)
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    bnb.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        dlog.set_verbosity(before[0])
+        tlog.set_verbosity(before[1])
+        if before[2]:
+            dlog.enable_progress_bar()
+        if before[3]:
+            tlog.enable_progress_bar()
+        bnb.setLevel(before[4])
+
+
+def load_components(model: str, memory: MemorySettings, device: torch.device, *,
+                    chatter: bool = False) -> Components:
+    """Load `model` and apply every memory knob of `memory`; all base weights frozen. `chatter`: let the
+    libraries print their own loading messages."""
+    with library_chatter(chatter):
+        return _load_components(model, memory, device)
+
+
+def _load_components(model: str, memory: MemorySettings, device: torch.device) -> Components:
     path = resolve_model(model)
     family = detect_family(path)
     dtype = compute_dtype(memory.weights, device)

@@ -5,22 +5,38 @@ Every file is written under a temporary name and renamed; an existing folder is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from .errors import InputError, OutputError
 from .files import write_text_atomic
 
 
 def prepare_out_dir(out: Path, *, overwrite: bool, resume: bool = False) -> Path:
-    """Create `out` (or accept it) and prove it is writable before any long work starts."""
+    """Prove `out` can take this run's files before any long work starts, and leave the disk as it was: folders
+    made for the probe are removed again (the first output creates them), so a run that fails later leaves no
+    empty folder. An interrupted run's checkpoint there is pointed out; --resume without one is refused."""
+    from .checkpoint import CHECKPOINT_NAME
+
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+    has_files = out.is_dir() and any(out.iterdir())
+    checkpoint = out / CHECKPOINT_NAME
+    if resume and not checkpoint.is_file():
+        bundles = sorted(out.glob("*.imagic.safetensors")) if has_files else []
+        hint = (f"; its training finished: `imagic-lite edit {bundles[0]}` samples more" if bundles
+                else "; run without --resume" + (" (with --overwrite to replace its files)" if has_files else ""))
+        raise InputError(f"--resume: no interrupted run to continue in --out {out} (no {CHECKPOINT_NAME}){hint}")
+    if has_files and not (overwrite or resume):
+        if checkpoint.is_file():
+            raise OutputError(f"--out {out} holds an interrupted run: continue it with --resume (same image, prompt "
+                              "and settings), or pass --overwrite to start over and discard its checkpoint")
         raise OutputError(f"--out {out} already has files; pass --overwrite to replace them or choose another folder")
+    made = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
@@ -28,6 +44,10 @@ def prepare_out_dir(out: Path, *, overwrite: bool, resume: bool = False) -> Path
         os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"cannot write to --out {out}: {exc.strerror or exc}; choose a writable folder") from None
+    finally:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return out
 
 

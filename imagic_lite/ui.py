@@ -108,7 +108,8 @@ class Workbench:
         stop.set()
         return True
 
-    def _load(self, spec: tuple, *, fresh: bool, overrides: dict[str, Any] | None = None, reuse: Any = None):
+    def _load(self, spec: tuple, *, fresh: bool, overrides: dict[str, Any] | None = None,
+              tune_lr: float | None = None, reuse: Any = None):
         """The model for `spec`. Training gets a fresh one (it changes the UNet); rendering reuses the loaded one
         when its base weights are untouched or it already holds the bundle `reuse`."""
         if fresh or self._imagic is None or spec != self._spec or not (self._pure or reuse is self._last_bundle):
@@ -119,7 +120,7 @@ class Workbench:
 
             model, preset, vram = spec
             self._imagic = Imagic.from_pretrained(model, preset, vram=vram, device=self.settings.device,
-                                                  overrides=overrides)
+                                                  overrides=overrides, tune_lr=tune_lr)
             self._spec, self._pure = spec, True
         return self._imagic
 
@@ -127,13 +128,13 @@ class Workbench:
         self._last_bundle = bundle
         self._pure = self._pure and bundle.mode == "lora"
 
-    def train(self, image: Any, source: Path, prompt: str, spec: tuple, overrides: dict[str, Any], seed: int,
-              log: StageLog, stop: Any) -> Session:
+    def train(self, image: Any, source: Path, prompt: str, spec: tuple, overrides: dict[str, Any],
+              tune_lr: float | None, seed: int, log: StageLog, stop: Any) -> Session:
         """Stages A and B on the photo, the bundle and its exports saved, then stage C at the preset's etas."""
         from .bundle import save_bundle
         from .outputs import run_params
 
-        imagic = self._load(spec, fresh=True, overrides=overrides)
+        imagic = self._load(spec, fresh=True, overrides=overrides, tune_lr=tune_lr)
         stem = safe_stem(source.name)
         out = fresh_dir(self.settings.out, stem)
         shutil.copyfile(source, out / f"input{source.suffix.lower()}")  # the upload, beside what it became
@@ -156,7 +157,7 @@ class Workbench:
     def open(self, path: Path, name: str, preset: str | None, vram: str | None, log: StageLog,
              stop: Any) -> Session:
         """A saved bundle, checked against its base model like `edit` does, then stage C at its stored etas."""
-        from .bundle import check_compatible, load_bundle
+        from .bundle import check_compatible, load_bundle, stored_sample
         from .outputs import edit_params
 
         bundle = load_bundle(path)
@@ -232,16 +233,6 @@ def _exports(bundle: Any, out: Path, stem: str, notes: list[str]) -> list[Path]:
         return []
 
 
-def stored_sample(meta: dict[str, str]):
-    """The stage C settings a bundle was made with (its `settings` metadata), as `edit` starts from."""
-    import json
-
-    from .config import SampleSettings
-
-    stored = json.loads(meta.get("settings", "{}")).get("sample", {})
-    return SampleSettings(**{k: v for k, v in stored.items() if k in SampleSettings.__dataclass_fields__})
-
-
 def safe_stem(name: str) -> str:
     """A file-name stem that every tool accepts (the kohya export's name rule), from a user's file name."""
     stem = Path(name).stem if "." in name else name
@@ -255,7 +246,9 @@ def fresh_dir(root: Path, name: str) -> Path:
     for n in range(1, 10_000):
         candidate = root / (name if n == 1 else f"{name}-{n}")
         if not candidate.exists() or not any(candidate.iterdir()):
-            return prepare_out_dir(candidate, overwrite=False)
+            prepare_out_dir(candidate, overwrite=False)
+            candidate.mkdir(parents=True, exist_ok=True)  # the page fills it at once: the upload goes in first
+            return candidate
     raise InputError(f"{root} holds 9999 folders named {name}-N; choose another --out")
 
 
@@ -264,14 +257,15 @@ ADVANCED = {  # box id: (label, section, key, type); an empty box keeps the pres
     "tune_steps": ("Stage B steps", "tune", "steps", int),
     "sample_steps": ("Stage C steps", "sample", "steps", int),
     "embed_lr": ("Stage A learning rate", "embed", "lr", float),
-    "tune_lr": ("Stage B learning rate (LoRA)", "tune", "lora_lr", float),
+    "tune_lr": ("Stage B learning rate", "tune", "lr", float),  # lora_lr or full_lr: see page_overrides
     "rank": ("LoRA rank", "tune", "rank", int),
     "guidance": ("Guidance", "sample", "guidance", float),
 }
 
 
-def page_overrides(values: dict[str, str | None]) -> dict[str, dict[str, Any]]:
-    """The advanced boxes as a TOML-shaped table, checked now by the same code that checks preset files."""
+def page_overrides(values: dict[str, str | None]) -> tuple[dict[str, dict[str, Any]], float | None]:
+    """The advanced boxes as a TOML-shaped table, checked now by the same code that checks preset files, and the
+    stage B rate apart: like --tune-lr it sets the rate of whichever tune mode the settings end up with."""
     from .config import Preset, apply_overrides
 
     table: dict[str, dict[str, Any]] = {}
@@ -284,8 +278,10 @@ def page_overrides(values: dict[str, str | None]) -> dict[str, dict[str, Any]]:
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise InputError(f"{label} takes {what}, got {text!r}") from None
-    apply_overrides(Preset(), table, "advanced settings")
-    return table
+    tune_lr = table.get("tune", {}).pop("lr", None)
+    checked = {**table, "tune": {**table.get("tune", {}), **({"lora_lr": tune_lr} if tune_lr else {})}}
+    apply_overrides(Preset(), checked, "advanced settings")
+    return {k: v for k, v in table.items() if v}, tune_lr
 
 
 def one_line(exc: BaseException, uploads: dict[str, str]) -> str:
@@ -465,8 +461,8 @@ def build_app(bench: Workbench):
                 from .images import load_image
 
                 loaded = load_image(path)
-                overrides = page_overrides(dict(zip(ADVANCED, (a_steps, b_steps, c_steps, a_lr, b_lr, r, cfg),
-                                                    strict=True)))
+                overrides, tune_lr = page_overrides(dict(zip(ADVANCED, (a_steps, b_steps, c_steps, a_lr, b_lr, r, cfg),
+                                                             strict=True)))
             except (ImagicError, ValueError) as exc:
                 yield {status: status_html(one_line(exc, uploads), "error")}
                 return
@@ -479,7 +475,7 @@ def build_app(bench: Workbench):
             yield from exclusive(
                 request, {status: status_html(f"loading {spec[0]} and training (stages A and B)…"),
                           run: gr.update(interactive=False), render: gr.update(interactive=False)},
-                lambda log, stop_flag: bench.train(loaded.image, Path(path), text.strip(), spec, overrides,
+                lambda log, stop_flag: bench.train(loaded.image, Path(path), text.strip(), spec, overrides, tune_lr,
                                                    int(seed_fit), log, stop_flag),
                 done, uploads, {render: gr.update(interactive=session is not None)})
 
@@ -500,7 +496,7 @@ def build_app(bench: Workbench):
                     raise InputError("run an edit or open a bundle first")
                 if seed_value is None or seed_value < 0:
                     raise InputError(f"the seed must be >= 0, got {seed_value}")
-                sample = page_overrides({"sample_steps": c_steps, "guidance": cfg}).get("sample", {})
+                sample = page_overrides({"sample_steps": c_steps, "guidance": cfg})[0].get("sample", {})
             except ImagicError as exc:
                 yield {status: status_html(one_line(exc, {}), "error")}
                 return

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
+import os
 import pickle
 import random
 import struct
@@ -241,6 +243,12 @@ CASES = {
     "escape codes in prompt": (lambda g, p: resave(g, p, meta=with_meta(prompt="\x1b[2Jhi")), "control characters"),
     "prompt too long": (lambda g, p: resave(g, p, meta=with_meta(prompt="a" * 5000)), "longer than"),
     "settings not JSON": (lambda g, p: resave(g, p, meta=with_meta(settings="{oops")), "not valid JSON"),
+    "stored etas not numbers": (lambda g, p: resave(g, p, meta=with_meta(settings=json.dumps(
+        {"sample": {"etas": ["a"]}}))), "key 'sample.etas', item 1: expected a number"),
+    "stored seeds negative": (lambda g, p: resave(g, p, meta=with_meta(settings=json.dumps(
+        {"sample": {"seeds": [-1]}}))), "seeds must be integers"),
+    "stored sample not an object": (lambda g, p: resave(g, p, meta=with_meta(settings='{"sample": 3}')),
+                                    "'sample' that is not a JSON object"),
     "versions a JSON list": (lambda g, p: resave(g, p, meta=with_meta(versions="[1]")), "must be a JSON object"),
     "unknown family": (lambda g, p: resave(g, p, meta=with_meta(family="flux")), "unknown model family"),
     "unknown tune mode": (lambda g, p: resave(g, p, meta=with_meta(tune_mode="dora")), "unknown tune mode"),
@@ -288,6 +296,69 @@ def test_refused(case, good, tmp_path):
 def test_oversized_file_refused(good):
     with pytest.raises(BundleError, match="over the 1000-byte limit"):
         load_bundle(good, max_bytes=1000)
+
+
+def _meta_unet(arch: str):
+    from diffusers import UNet2DConditionModel
+
+    from imagic_lite.models import arch_dir
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch_dir() / arch / "unet"))
+
+
+def _sparse_bundle(path: Path, meta: dict[str, str], tensors: dict[str, tuple[str, list[int]]]) -> Path:
+    """A bundle file of real length whose data is a hole: headers are checked, no disk is used, nothing is read."""
+    header, offset = {"__metadata__": meta}, 0
+    for name, (dtype, shape) in tensors.items():
+        size = math.prod(shape) * {"F32": 4, "F16": 2, "U8": 1}[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    write_header(path, header, b"")
+    os.truncate(path, path.stat().st_size + offset)
+    return path
+
+
+def test_full_sdxl_bundle_is_within_the_loaders_cap(models, tmp_path):
+    """A full-mode SDXL bundle (5.1 GB) was written but refused by a flat 4 GiB cap: the header of a real-size one,
+    in a file of its real length, now passes every check `info` makes; claiming family "sd" it is over SD's cap."""
+    from imagic_lite.bundle import FULL_UNET_PARAMS
+
+    counts = {arch: sum(p.numel() for p in _meta_unet(arch).parameters()) for arch in ("sd15", "sd21", "sdxl")}
+    assert {"sd": max(counts["sd15"], counts["sd21"]), "sdxl": counts["sdxl"]} == FULL_UNET_PARAMS
+    small = tmp_path / "small.imagic.safetensors"
+    save_bundle(small, make_bundle(models["sdxl"], mode="full"))
+    meta = read_header(small)[0]["__metadata__"]
+    embeds = {"e_tgt": ("F32", [1, 77, 2048]), "e_opt": ("F32", [1, 77, 2048]), "thumbnail": ("U8", [85, 128, 3])}
+    unet = {f"unet_full.{k}": ("F16", list(v.shape)) for k, v in _meta_unet("sdxl").state_dict().items()}
+    pooled = {"e_tgt_pooled": ("F32", [1, 1280]), "e_opt_pooled": ("F32", [1, 1280])}
+    path = _sparse_bundle(tmp_path / "big.imagic.safetensors", meta, embeds | pooled | unet)
+    assert path.stat().st_size > 5 * 10**9
+    info = describe(path)
+    assert info["metadata"]["tune_mode"] == "full" and info["file_bytes"] == path.stat().st_size
+    claim = _sparse_bundle(tmp_path / "sd.imagic.safetensors", meta | {"family": "sd"}, embeds | unet)
+    with pytest.raises(BundleError, match="over the .*-byte limit for a sd full-mode bundle"):
+        describe(claim)
+
+
+def test_writer_refuses_what_the_loader_would(models, tmp_path, monkeypatch):
+    """Writer and loader share `size_cap`: over it, save_bundle writes nothing and says what to change."""
+    import imagic_lite.bundle as bundle_module
+
+    bundle = make_bundle(models["sd"], mode="full")
+    path = tmp_path / "full.imagic.safetensors"
+    written = save_bundle(path, bundle)
+    assert load_bundle(path).mode == "full"
+    monkeypatch.setattr(bundle_module, "EXTRAS_CAP", 0)
+    monkeypatch.setattr(bundle_module, "FULL_UNET_PARAMS", {"sd": written // 4, "sdxl": 1})
+    with pytest.raises(BundleError, match="over the .*-byte limit for a sd full-mode bundle; nothing was written"):
+        save_bundle(tmp_path / "refused.imagic.safetensors", bundle)
+    assert not list(tmp_path.glob("refused*")) and not list(tmp_path.glob(".refused*"))
+    with pytest.raises(BundleError, match="over the .*-byte limit for a sd full-mode bundle"):
+        load_bundle(path)
+    monkeypatch.setattr(bundle_module, "LORA_CAP", 1000)
+    with pytest.raises(BundleError, match="lower tune.rank"):
+        save_bundle(tmp_path / "lora.imagic.safetensors", make_bundle(models["sd"]))
 
 
 def test_pickle_is_never_unpickled(tmp_path, monkeypatch):
@@ -472,6 +543,17 @@ SGM_LORA = {"r": 4, "lora_alpha": 2.0, "target_modules": [
     "conv_out", "time_embedding.linear_1", "add_embedding.linear_2"]}
 
 
+def test_export_warns_about_modules_kohya_sd_scripts_drops(models):
+    from imagic_lite.bundle import export_warnings
+
+    wide = make_bundle(models["sdxl"], lora=SGM_LORA)
+    (line,) = export_warnings(wide, "kohya")
+    for module in ("conv_in", "conv_out", "time_embedding.linear_1", "add_embedding.linear_2"):
+        assert module in line
+    assert "to_q" not in line and "conv1" not in line and "down_blocks" not in line
+    assert export_warnings(wide, "diffusers") == [] and export_warnings(make_bundle(models["sdxl"]), "kohya") == []
+
+
 @pytest.mark.parametrize("lora", [LORA, SGM_LORA], ids=["attention", "every-module-kind"])
 def test_export_sdxl_kohya_matches_diffusers_export(models, tiny_models, tmp_path, lora):
     from safetensors import safe_open
@@ -522,3 +604,27 @@ def test_bundle_size_sd15_under_4mb():
     spec.loader.exec_module(module)
     result = module.measure()
     assert result["tensors"] == 2 + 2 * 128 + 1 and result["bytes_with_thumbnail"] < 4 * 2**20
+
+
+# Library features the code relies on, with the first release that has them (read from the released wheels).
+NEEDS = {("diffusers", "0.34"): "StableDiffusionLoraLoaderMixin.save_lora_weights(unet_lora_adapter_metadata=...), "
+                                "which carries the real lora_alpha into the diffusers export"}
+
+
+def test_setup_cfg_allows_no_release_without_what_export_uses():
+    import configparser
+    import inspect
+
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).parent.parent / "setup.cfg")
+    lines = [line.strip() for line in cfg["options"]["install_requires"].splitlines() if line.strip()]
+    pins = {r.name: r.specifier for r in map(Requirement, lines)}
+    for (package, first), why in NEEDS.items():
+        lowest = min(Version(s.version) for s in pins[package] if s.operator == ">=")
+        assert lowest >= Version(first), f"setup.cfg allows {package} {lowest}, but the code uses {why} ({first})"
+    save = inspect.signature(StableDiffusionLoraLoaderMixin.save_lora_weights)
+    assert "unet_lora_adapter_metadata" in save.parameters  # the installed diffusers has it too

@@ -128,6 +128,43 @@ def test_info_and_export(first_run, tmp_path, capsys):
     assert_one_line_error(code, err, 7, "overwrite")
 
 
+def test_info_says_sharing_a_bundle_shares_the_photo(first_run, capsys):
+    out, _, _ = first_run
+    bundle = out / "cat photo.imagic.safetensors"
+    code, stdout, _ = invoke(capsys, "info", bundle)
+    assert code == 0 and "privacy:" in stdout and "shares the photo" in " ".join(stdout.split())
+    code, stdout, _ = invoke(capsys, "info", bundle, "--json")
+    data = json.loads(stdout)
+    assert data["thumbnail"][2] == 3 and "reproduce the photo at eta 0" in data["privacy"]
+
+
+def test_kohya_export_warns_about_modules_sd_scripts_drops(first_run, tmp_path, capsys):
+    """LoRA on conv_in (outside sd-scripts' blocks): one warning line naming it; attention-only LoRA: none."""
+    import dataclasses
+
+    import torch
+
+    from imagic_lite.bundle import load_bundle, save_bundle
+
+    out, model, _ = first_run
+    path = out / "cat photo.imagic.safetensors"
+    code, _, err = invoke(capsys, "export", path, tmp_path / "plain", "--to", "kohya")
+    assert code == 0 and "warning" not in err
+    bundle = load_bundle(path)
+    r, channels = bundle.lora["r"], json.loads((model / "unet" / "config.json").read_text())["block_out_channels"][0]
+    weights = {**bundle.weights, "conv_in.lora_A.weight": torch.zeros(r, 4, 3, 3),
+               "conv_in.lora_B.weight": torch.zeros(channels, r, 1, 1)}
+    lora = {**bundle.lora, "target_modules": [*bundle.lora["target_modules"], "conv_in"]}
+    wide = tmp_path / "wide.imagic.safetensors"
+    save_bundle(wide, dataclasses.replace(bundle, weights=weights, lora=lora))
+    code, stdout, err = invoke(capsys, "export", wide, tmp_path / "k", "--to", "kohya")
+    assert code == 0 and Path(stdout.split()[0]).is_file()
+    warnings_ = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings_) == 1 and "conv_in" in warnings_[0] and "to_q" not in warnings_[0], err
+    code, _, err = invoke(capsys, "export", wide, tmp_path / "d", "--to", "diffusers")
+    assert code == 0 and "warning" not in err
+
+
 def test_presets_command(capsys):
     code, stdout, _ = invoke(capsys, "presets", "--json")
     assert code == 0
@@ -218,6 +255,20 @@ def test_bad_bundles(tmp_path, capsys):
         assert_one_line_error(code, err, 6, "x.imagic.safetensors")
 
 
+def test_edit_refuses_bad_stored_settings_in_one_line(first_run, tmp_path, capsys):
+    """A bundle whose stored sample settings are malformed: exit 6 (bad bundle), not 1 (internal error)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out, model, _ = first_run
+    with safe_open(str(out / "cat photo.imagic.safetensors"), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (not iterable)
+    bad = tmp_path / "bad.imagic.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "settings": json.dumps({"sample": {"etas": ["a"]}})})
+    code, _, err = invoke(capsys, "edit", bad, "--model", model, "--out", tmp_path / "o", "--quiet")
+    assert_one_line_error(code, err, 6, "bad.imagic.safetensors", "sample.etas", "expected a number")
+
+
 def test_non_finite_loss_stops_the_stage(photo, tmp_path, capsys, tiny_sd, monkeypatch):
     import torch
 
@@ -296,3 +347,30 @@ def test_bundle_for_another_model_needs_force(first_run, tiny_models, tmp_path, 
     bundle = out / "cat photo.imagic.safetensors"
     code, _, err = invoke(capsys, "edit", bundle, "--model", tiny_models["sd-v"], "--out", tmp_path / "e")
     assert_one_line_error(code, err, 6, "--force")
+
+
+def test_settings_are_resolved_and_checked_before_the_model_loads(photo, tmp_path, capsys, tiny_sd, monkeypatch):
+    """--tune-lr follows the preset's full mode; full mode over quantized storage exits 2 before loading."""
+    import imagic_lite.api as api
+    from imagic_lite.errors import ModelError
+
+    resolved = []
+    real = api.resolve_settings
+    monkeypatch.setattr(api, "resolve_settings", lambda *a, **k: resolved.append(real(*a, **k)) or resolved[-1])
+
+    def no_load(*args, **kwargs):
+        raise ModelError("not loaded in this test")
+
+    monkeypatch.setattr(api, "load_components", no_load)
+    code, _, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--preset", "paper", "--tune-lr",
+                          "1e-6", "--out", tmp_path / "a")
+    assert_one_line_error(code, err, 3, "not loaded in this test")
+    assert resolved[-1].tune.mode == "full" and resolved[-1].tune.lr == 1e-6
+    code, _, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--preset", "4gb", "--mode", "full",
+                          "--out", tmp_path / "b")
+    assert_one_line_error(code, err, 2, "tune.mode = 'full'", "memory.storage = 'fp8'")
+    config = tmp_path / "lists.toml"
+    config.write_text('[sample]\netas = ["a"]\n')
+    code, _, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--config", config, "--out",
+                          tmp_path / "c")
+    assert_one_line_error(code, err, 2, "lists.toml", "sample.etas", "expected a number")

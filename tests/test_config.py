@@ -109,3 +109,39 @@ def test_family_section_is_validated_at_load(tmp_path):
     bad.write_text("[sdxl.wat]\nx = 1\n")
     with pytest.raises(ConfigError, match=r"\[sdxl\.\*\] may only hold"):
         load_preset(str(bad))
+
+
+def test_family_tables_merge_instead_of_replacing():
+    """A second [sdxl.memory] table (a later layer) adds keys; it must not drop the preset's checkpointing."""
+    p = apply_overrides(load_preset("8gb"), {"sdxl": {"memory": {"storage": "fp8"}, "tune": {"rank": 8}}}, "x")
+    xl = p.for_family("sdxl")
+    assert xl.memory.storage == "fp8" and xl.memory.checkpointing and xl.tune.rank == 8
+    assert xl.tune.optimizer == "adamw8bit" and not xl.family  # a resolved preset carries no family tables
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ('[sample]\netas = ["a"]\n', "key 'sample.etas', line 2, item 1: expected a number, got 'a'"),
+    ("[sample]\nseeds = [0, 1.5]\n", "key 'sample.seeds', line 2, item 2: expected an integer, got 1.5"),
+    ("[tune]\ntargets = [1, 2]\n", "key 'tune.targets', line 2, item 1: expected a string, got 1"),
+    ("[sample]\netas = [true]\n", "item 1: expected a number, got True"),
+    ('[sdxl.tune]\ntargets = ["to_q", 3]\n', "item 2: expected a string, got 3"),
+])
+def test_list_elements_are_type_checked(tmp_path, text, fragment):
+    path = tmp_path / "lists.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_preset(str(path))
+    assert fragment in str(info.value) and "lists.toml" in str(info.value)
+
+
+def test_full_mode_over_quantized_storage_is_refused_when_resolved(tmp_path):
+    from imagic_lite.api import resolve_settings
+
+    with pytest.raises(ConfigError, match="tune.mode = 'full'.*memory.storage = 'fp8'"):
+        resolve_settings(tmp_path, load_preset("4gb"), None, {"tune": {"mode": "full"}}, family="sd")
+    with pytest.raises(ConfigError, match="memory.storage = 'nf4'"):  # 8gb stores SDXL in NF4
+        resolve_settings(tmp_path, load_preset("8gb"), None, {"tune": {"mode": "full"}}, family="sdxl")
+    # a later layer may repair an earlier one: only the final settings are judged
+    fixed = tmp_path / "fix.toml"
+    fixed.write_text('[tune]\nmode = "full"\n[memory]\nstorage = "none"\n')
+    assert resolve_settings(tmp_path, load_preset("4gb"), str(fixed), {}, family="sd").tune.mode == "full"

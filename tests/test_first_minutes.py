@@ -6,7 +6,11 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from importlib.metadata import distribution
+from pathlib import Path
+
+import pytest
 
 from imagic_lite.models import download_command
 
@@ -20,3 +24,211 @@ def test_missing_model_fix_names_a_download_command_the_installed_hub_has():
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert "No such option" not in result.stderr and "Usage:" not in result.stderr, result.stderr
         assert result.returncode != 0  # nothing to download offline
+
+
+@pytest.mark.parametrize("chatter", [False, True])
+def test_loading_prints_nothing_unless_asked(tiny_sd, capfd, caplog, chatter):
+    """The library never prints: no "Loading weights" bars, "kept in float32" notices or bitsandbytes' kernel
+    warning (issue 21, item 1); `chatter=True` (the CLI's --debug) shows them."""
+    import logging
+
+    from imagic_lite.api import Imagic
+    from imagic_lite.models import library_chatter
+
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    Imagic.from_pretrained(str(tiny_sd), "cpu", chatter=chatter)
+    with library_chatter(chatter):  # bitsandbytes warns at import on AVX512-BF16 CPUs; this CPU has none
+        bnb.warning("Failed to load CPU gemm_4bit_forward (inside)")
+    bnb.warning("Failed to load CPU gemm_4bit_forward (after)")
+    printed = capfd.readouterr().err + caplog.text
+    assert "(after)" in printed  # every setting restored afterwards
+    if chatter:
+        assert "(inside)" in printed and "Loading weights" in printed
+    else:
+        assert "(inside)" not in printed and "Loading weights" not in printed and "float32" not in printed
+
+
+FAST = ["--embed-steps", "2", "--tune-steps", "2", "--sample-steps", "2", "--etas", "1.0", "--quiet"]
+
+
+def invoke(capsys, *args) -> tuple[int, str]:
+    code, err, _ = invoke_out(capsys, *args)
+    return code, err
+
+
+def invoke_out(capsys, *args) -> tuple[int, str, str]:
+    from imagic_lite.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return exit_info.value.code, captured.err, captured.out
+
+
+@pytest.mark.parametrize(("args", "code_", "fragment"), [
+    (["--vram", "3"], 2, "below the smallest preset"),
+    (["--preset", "huge"], 2, "unknown preset"),
+    (["--etas", "9"], 2, "etas must be within"),
+    ([], 7, "already has files"),
+])
+def test_settings_are_checked_before_the_output_folder(photo, tmp_path, capsys, tiny_sd, args, code_, fragment):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "run.json").write_text("{}")  # a folder a finished run left
+    code, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", out, "--quiet", *args)
+    assert code == code_ and fragment in err, err
+
+
+def test_a_failed_check_leaves_no_empty_folder(photo, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper"
+    code, err = invoke(capsys, "run", photo, "a dog", "--model", "nobody/no-such-model", "--out", out)
+    assert code == 3 and "not on this machine" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_guidance(photo, tmp_path, capsys, tiny_sd):
+    """Each message leads to a command that works: --resume for a checkpoint, --overwrite past a foreign one, and
+    --resume without a checkpoint is refused instead of silently starting over."""
+    from imagic_lite.checkpoint import CHECKPOINT_NAME, save_checkpoint
+    from imagic_lite.imagic import StageState
+
+    run = ["run", photo, "a dog", "--model", tiny_sd, *FAST]
+    code, err = invoke(capsys, *run, "--out", tmp_path / "none", "--resume")
+    assert code == 2 and "no interrupted run" in err and "without --resume" in err, err
+    assert not (tmp_path / "none").exists()
+
+    out = tmp_path / "cut"
+    save_checkpoint(out / CHECKPOINT_NAME, StageState("A", 1, {}, {}, {}), "another run", None)
+    code, err = invoke(capsys, *run, "--out", out)
+    assert code == 7 and "continue it with --resume" in err, err
+    code, err = invoke(capsys, *run, "--out", out, "--resume")
+    assert code == 2 and "different image" in err and "--overwrite instead of --resume" in err, err
+    code, err, stdout = invoke_out(capsys, *run, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert stdout.strip() == f"output: {out}"  # --quiet: no stage table
+    assert not (out / CHECKPOINT_NAME).exists()
+    code, err = invoke(capsys, *run, "--out", out, "--resume")
+    assert code == 2 and "imagic-lite edit" in err, err
+    code, err = invoke(capsys, "edit", out / "photo.imagic.safetensors", "--out", out, "--vram", "3")
+    assert code == 2 and "below the smallest preset" in err, err  # edit, too, checks settings before the folder
+
+
+def test_presets_needs_no_torch():
+    """`presets` prints a table: it reads the shipped architectures' facts files instead of building UNets."""
+    code = ("import sys\nfrom imagic_lite.cli import main\ntry:\n    main(['presets'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "4gb" in result.stdout and "est. B" in result.stdout
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
+def test_arch_facts_files_match_the_configs(arch):
+    """The facts files `presets` reads are what the configs build (regenerate: memory.build_arch_facts)."""
+    from imagic_lite.memory import arch_facts, build_arch_facts
+
+    assert arch_facts(f"arch:{arch}") == build_arch_facts(f"arch:{arch}")
+
+
+def test_info_orders_metadata_and_emits_objects(tmp_path, capsys, tiny_sd, photo):
+    import json
+
+    out = tmp_path / "o"
+    assert invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", out, *FAST)[0] == 0
+    bundle = out / "photo.imagic.safetensors"
+    code, err, stdout = invoke_out(capsys, "info", bundle, "--json")
+    assert code == 0, err
+    meta = json.loads(stdout)["metadata"]
+    assert list(meta)[:3] == ["prompt", "base_model", "family"]
+    assert meta["settings"]["tune"]["steps"] == 2 and isinstance(meta["versions"], dict)  # objects, not JSON text
+    code, err, stdout = invoke_out(capsys, "info", bundle)
+    assert code == 0 and "…" not in stdout and "tune.steps = 2" in stdout
+    assert stdout.index("prompt") < stdout.index("settings") < stdout.index("format_version")
+
+
+def test_run_help_shows_the_defaults(capsys):
+    from imagic_lite.config import DEFAULT_MODEL, SampleSettings
+
+    code, _, stdout = invoke_out(capsys, "run", "--help")
+    flat = "".join(stdout.split())
+    assert code == 0
+    assert DEFAULT_MODEL in flat and "imagic-out/IMAGE-NAME" in flat
+    assert ",".join(str(e) for e in SampleSettings().etas) in flat and "1.0,1.2,1.4,1.6" in flat
+
+
+def test_full_disk_while_writing_outputs(photo, tmp_path, capsys, tiny_sd, monkeypatch):
+    """ENOSPC while writing the images: exit 7, the folder named, how much the run writes, no half-file."""
+    import errno
+
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "o"
+    code, err = invoke(capsys, "run", photo, "a dog", "--model", tiny_sd, "--out", out, *FAST)
+    line = err.strip().splitlines()[-1]
+    assert code == 7 and str(out) in line and "is full" in line and "MB there" in line and "MB free" in line, err
+    assert sorted(p.name for p in out.iterdir()) == ["photo.imagic.safetensors"]  # complete, and nothing else
+
+
+def test_full_disk_inside_a_library_is_recognised(tmp_path):
+    """safetensors reports ENOSPC as SafetensorError('... (os error 28)'), not OSError."""
+    from safetensors import SafetensorError
+
+    from imagic_lite.errors import DiskFull
+    from imagic_lite.files import atomic_path
+
+    with pytest.raises(DiskFull, match="is full"), atomic_path(tmp_path / "b.safetensors") as tmp:
+        tmp.write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_diffusers_export_readme_names_the_real_base_model_and_its_etas(tmp_path):
+    """Fast half of the check below, on a hand-made bundle: shapes loads via shapes_dir(), a local folder gets a
+    PATH/TO placeholder (its path is not shared), a hub id stays; the eta hint and steps are the run's own."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from imagic_lite.bundle import _write_readme
+    from imagic_lite.config import Preset, apply_overrides
+    from imagic_lite.models import Cond
+
+    settings = apply_overrides(Preset(), {"sample": {"etas": [1.0, 1.2, 1.4, 1.6], "steps": 15}}, "test").to_dict()
+    for model, expected in [("shapes", "from_pretrained(shapes_dir())"),
+                            ("/home/me/my-sd21", 'from_pretrained("PATH/TO/my-sd21")'),
+                            ("owner/name", 'from_pretrained("owner/name")')]:
+        meta = {"base_model": model, "settings": json.dumps(settings), "width": "64", "height": "64", "prompt": "p"}
+        _write_readme(SimpleNamespace(meta=meta, e_opt=Cond(torch.zeros(1, 2, 3))), tmp_path / "README.md")
+        readme = (tmp_path / "README.md").read_text()
+        assert expected in readme and "/home/me" not in readme
+        assert "eta 1-1.6" in readme and "num_inference_steps=15" in readme and "0.6" not in readme
+
+
+@pytest.mark.slow
+def test_diffusers_export_readme_code_runs_on_the_shipped_model(tmp_path):
+    """The exported README's code loads the bundle's real base model (the shapes folder, wherever imagic-lite is
+    installed) and produces an image; its eta hint is the model's own etas, not Stable Diffusion's."""
+    import re
+
+    from imagic_lite.api import Imagic
+    from imagic_lite.bundle import export
+    from imagic_lite.config import tomllib
+    from imagic_lite.models import shapes_dir
+
+    imagic = Imagic.from_pretrained("shapes", "cpu", overrides={"embed": {"steps": 0}, "tune": {"steps": 0}})
+    bundle = imagic.fit(Path(__file__).parent.parent / "examples" / "red-circle.png", "a blue circle")
+    export(bundle, "diffusers", tmp_path / "x", name="x")
+    readme = (tmp_path / "x" / "README.md").read_text()
+    etas = tomllib.loads((shapes_dir() / "imagic-lite.toml").read_text())["sample"]["etas"]
+    assert f"eta {min(etas):g}-{max(etas):g}" in readme
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1).replace("THIS_FOLDER", str(tmp_path / "x"))
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 - the README's own code, as a reader would paste it
+    assert namespace["image"].size == (64, 64)

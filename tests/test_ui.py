@@ -7,6 +7,7 @@ Browser tests are marked `browser` and skipped, with the reason, when Gradio, Pl
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -31,7 +32,7 @@ from imagic_lite.ui import INSTALL_HINT, UISettings, Workbench, fresh_dir, one_l
 ROOT = Path(__file__).resolve().parents[1]
 RED_CIRCLE = ROOT / "examples" / "red-circle.png"
 RUN_KEYS = {"prompt", "model", "preset", "seed_fit", "sample_steps", "guidance", "eta", "seed"}  # as `run` writes
-TINY = {"embed": {"steps": 2}, "tune": {"steps": 3, "lora_lr": 1e-2}, "sample": {"steps": 2, "etas": [0.5, 1.0]}}
+TINY = {"embed": {"steps": 2}, "tune": {"steps": 3}, "sample": {"steps": 2, "etas": [0.5, 1.0]}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,12 +57,14 @@ def test_missing_gradio_is_one_line_naming_the_install(monkeypatch, capsys):
 
 
 def test_page_overrides_are_checked_like_preset_files():
-    assert page_overrides({"embed_steps": "5", "tune_lr": "2e-3", "guidance": " ", "rank": None}) == {
-        "embed": {"steps": 5}, "tune": {"lora_lr": 0.002}}
+    assert page_overrides({"embed_steps": "5", "tune_lr": "2e-3", "guidance": " ", "rank": None}) == (
+        {"embed": {"steps": 5}}, 0.002)
+    assert page_overrides({"tune_steps": "7", "rank": "8"}) == ({"tune": {"steps": 7, "rank": 8}}, None)
     with pytest.raises(InputError, match="Stage B steps takes a whole number, got 'ten'"):
         page_overrides({"tune_steps": "ten"})
-    with pytest.raises(Exception, match="advanced settings.*lr must be in"):
-        page_overrides({"embed_lr": "5"})
+    for box in ("embed_lr", "tune_lr"):
+        with pytest.raises(Exception, match="advanced settings.*lr must be in"):
+            page_overrides({box: "5"})
 
 
 def test_errors_are_one_line_with_the_users_file_name(tmp_path):
@@ -95,7 +98,7 @@ def test_workbench_trains_renders_and_reopens(tiny_sd, photo, tmp_path):
     assert not bench.request_stop("tab-2") and not stop.is_set()  # nor can it stop the first tab's job
     log = StageLog()
     image = Image.open(photo).convert("RGB")
-    session = bench.train(image, photo, "a dog", (str(tiny_sd), "cpu", None), TINY, 0, log, stop)
+    session = bench.train(image, photo, "a dog", (str(tiny_sd), "cpu", None), TINY, 1e-2, 0, log, stop)
     bench.end()
     assert set(log.lines) == {"A", "B", "C"} and log.lines["B"].step == 3
     out = session.out
@@ -105,6 +108,7 @@ def test_workbench_trains_renders_and_reopens(tiny_sd, photo, tmp_path):
             "run.json"} <= names
     assert [(s.eta, s.seed) for s, _ in session.samples] == [(0.5, 0), (1.0, 0)]
     assert set(read_png_params(session.samples[0][1])) == RUN_KEYS
+    assert json.loads(session.bundle.meta["settings"])["tune"]["lora_lr"] == 1e-2  # the page's stage B rate
 
     bench.render(session, 0.75, 3, None, None, StageLog(), bench.begin("tab-1"))
     bench.end()
