@@ -421,11 +421,16 @@ def export(bundle_path: Path, outdir: Path, to: str, overwrite: bool) -> None:
 @click.option("--device", help="Torch device (default: cuda if present).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @click.option("--json", "json_out", is_flag=True, help="Print the result as JSON.")
+@click.option("--simulate", is_flag=True, help="Peak GPU memory and FLOPs from the real stages on fake tensors "
+              "(no GPU needed, nothing allocated); --steps, --warmup, --cap-gb and --device do not apply.")
 @click.pass_context
 def bench(ctx: click.Context, model: str, preset_list: str, resolution: int | None, steps: int, warmup: int,
-          cap_gb: float | None, device: str | None, out: Path, json_out: bool) -> None:
+          cap_gb: float | None, device: str | None, out: Path, json_out: bool, simulate: bool) -> None:
     """Measure peak memory and step time of stages A, B, C per preset, as ratios to the paper's way."""
     _quiet_libraries(ctx.obj["debug"])
+    if simulate:
+        _bench_simulated(model, preset_list, resolution, out, json_out)
+        return
     from .bench import render_table, run_bench, write_results
     from .models import pick_device
 
@@ -438,6 +443,27 @@ def bench(ctx: click.Context, model: str, preset_list: str, resolution: int | No
         click.echo(json.dumps(result, indent=2, default=str))
     else:
         click.echo(render_table(result))
+        click.echo(f"results: {path}")
+
+
+def _bench_simulated(model: str, preset_list: str, resolution: int | None, out: Path, json_out: bool) -> None:
+    from . import simulate
+
+    names = [p.strip() for p in preset_list.split(",") if p.strip()]
+    console = _console()
+
+    def said(event: dict) -> None:
+        if not json_out:
+            console.print(f"simulated {event['preset']}: {event['peak_allocated_bytes'] / 2**30:.2f} GiB at the peak "
+                          f"(stage {event['peak_stage']})")
+
+    result = simulate.simulate_presets(model, names, resolution, command=" ".join(["imagic-lite", *sys.argv[1:]]),
+                                       on_event=said)
+    path = simulate.write_results(result, out)
+    if json_out:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(simulate.render_table(result))
         click.echo(f"results: {path}")
 
 

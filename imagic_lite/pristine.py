@@ -25,7 +25,7 @@ def reset_unet(c: Components) -> None:
 def before_base_change(c: Components) -> None:
     """Call before anything writes the base weights (a full fine-tune, a full bundle): keep them first."""
     if c.pristine is None:
-        c.pristine = {k: v.detach().to("cpu", copy=True) for k, v in c.unet.state_dict().items()}
+        c.pristine = {k: v.detach().to(c.host, copy=True) for k, v in c.unet.state_dict().items()}
     c.unet_changed = True
 
 
