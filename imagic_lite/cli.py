@@ -282,7 +282,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
 
     from .bundle import check_compatible, load_bundle, stored_sample
     from .imagic import StopFlag
-    from .outputs import prepare_out_dir, write_run_json, write_samples
+    from .outputs import edit_params, prepare_out_dir, write_run_json, write_samples
     from .progress import StageProgress
 
     bundle = load_bundle(bundle_path)
@@ -304,8 +304,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
         samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop)
     prompt = bundle.meta.get("prompt", "")
-    params = {"prompt": prompt, "model": imagic.components.model_id, "bundle": bundle_path.name,
-              "sample_steps": sample.steps, "guidance": sample.guidance}
+    params = edit_params(imagic, prompt, bundle_path.name, sample)
     with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
         files = write_samples(out, stem, samples, params, title=prompt)
         report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
@@ -561,6 +560,43 @@ def batch_command(ctx: click.Context, jobs_file: Path, model: str | None, vram: 
         raise BatchFailed(last)
     click.echo(f"batch: {counts['done']} done, {counts['skipped']} skipped as complete, 0 failed of {len(lines)} "
                f"jobs; summary: {out / 'summary.jsonl'}", err=json_out)
+
+
+@cli.command(epilog=EXIT_HELP)
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to serve on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 lets other machines on your network use the page (and your GPU).")
+@click.option("--model", help="Model the page starts with: hub id, local diffusers folder, or `shapes`.")
+@click.option("--vram", help="GB of GPU memory to plan for, or auto (the page can change it).")
+@click.option("--device", help="Torch device, e.g. cuda:1 or cpu (default: cuda if present).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("imagic-out"), show_default=True,
+              help="Folder for uploads and outputs (one subfolder per run).")
+@click.option("--share", is_flag=True, help="Also open a public gradio.live link: anyone with it can use the page.")
+@click.pass_context
+def ui(ctx: click.Context, port: int, host: str, model: str | None, vram: str | None, device: str | None,
+       out: Path, share: bool) -> None:
+    """A local web page: drop a photo, type the edit, then slide eta (needs pip install 'imagic-lite[ui]')."""
+    import time
+
+    from .ui import UISettings, require_gradio, start
+
+    require_gradio()
+    from .models import DEFAULT_MODEL
+
+    demo = start(UISettings(model=model or DEFAULT_MODEL, vram=vram, out=out, host=host, port=port, share=share,
+                            device=device))
+    _quiet_libraries(ctx.obj["debug"])  # after the page is up: importing diffusers takes seconds
+    console = _console()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {host}: other machines can reach the page and use this GPU")
+    console.print(f"imagic-lite ui: [bold]http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/[/]"
+                  f"{f'  public: {demo.share_url}' if demo.share_url else ''}  files: {out}  (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        demo.close()
+        console.print("stopped")
 
 
 def _sigterm_as_interrupt() -> None:

@@ -1,10 +1,12 @@
-"""The rich display for the CLI: one bar per stage with loss, it/s, ETA and peak memory.
+"""Progress displays: the CLI's rich bars, and `StageLog`, the same events kept as data for the web page.
 
-Stages report through a callback with a dict (k-diffusion style); only this module draws.
+Stages report through a callback with a dict (k-diffusion style); only this module turns events into displays.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -107,3 +109,35 @@ class BatchProgress:
             loss = f"loss {event['loss']:.4f}" if "loss" in event else ""
             self.progress.update(self.stage, description=f"  {event['name'][:20]} stage {stage}",
                                  total=event["total"], completed=event["step"], info=loss)
+
+
+@dataclass(frozen=True)
+class StageLine:
+    """The latest event of one stage, with what the CLI's bar shows beside it."""
+
+    stage: str
+    step: int
+    total: int
+    loss: float | None
+    rate: float | None  # steps per second since the stage's first event (None until two events)
+    memory: str
+
+
+class StageLog:
+    """A progress callback that keeps the latest line per stage, for a display that polls (the web page).
+
+    It is called from the worker thread that runs the stages; a reader takes `lines` (replaced, never mutated)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, StageLine] = {}
+        self.version = 0  # bumped on every event, so a poller can tell whether anything changed
+        self._first: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        stage, step = event["stage"], event["step"]
+        start, first_step = self._first.setdefault(stage, (now, step))
+        rate = (step - first_step) / (now - start) if now > start and step > first_step else None
+        line = StageLine(stage, step, event["total"], event.get("loss"), rate, _peak_memory())
+        self.lines = {**self.lines, stage: line}
+        self.version += 1
