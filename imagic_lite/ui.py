@@ -29,7 +29,10 @@ CSS = """
 #status .busy { color: #8a5a00; font-weight: 600; }
 #status .note { color: #555; }
 #stages table { width: 100%; font-variant-numeric: tabular-nums; }
+#stages td:nth-child(2) { width: 35%; }
 #stages progress { width: 100%; }
+#current img { width: 100%; height: 100%; object-fit: contain; }
+#current img, #gallery img, #preview img { image-rendering: pixelated; }  /* a 64 px result stays crisp */
 """
 
 
@@ -395,7 +398,7 @@ def build_app(bench: Workbench):
                 render = gr.Button("Render", interactive=False, elem_id="render")
                 current = gr.Image(label="Result", type="filepath", interactive=False, elem_id="current",
                                    height=320)
-                gallery = gr.Gallery(label="Etas so far", columns=6, height="auto", elem_id="gallery")
+                gallery = gr.Gallery(label="Etas so far", columns=6, height=190, elem_id="gallery")
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False,
                                     elem_id="downloads")
 
