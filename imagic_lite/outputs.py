@@ -107,3 +107,27 @@ def write_run_json(out: Path, report: dict[str, Any]) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def fit_and_write(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, resume: bool, thumbnail: bool,
+                  progress, stop, fitted=None) -> tuple[dict[str, Any], list[Path]]:
+    """What `run` and each `batch` job do once the model is loaded: stages A and B (from the checkpoint in `out`
+    with `resume`), the bundle, stage C, the PNGs and run.json last (so run.json marks a complete result).
+    `fitted` is called between the bundle and stage C (the CLI prints the fit's notes there)."""
+    from .bundle import save_bundle
+    from .checkpoint import CHECKPOINT_NAME
+
+    checkpoint = out / CHECKPOINT_NAME
+    bundle_path = out / f"{stem}.imagic.safetensors"
+    bundle = imagic.fit(image, prompt, seed=seed, progress=progress, stop=stop, checkpoint=checkpoint,
+                        resume=resume, thumbnail=thumbnail)
+    size = save_bundle(bundle_path, bundle, thumbnail=thumbnail)
+    checkpoint.unlink(missing_ok=True)
+    if fitted is not None:
+        fitted()
+    samples = imagic.generate(progress=progress, stop=stop)
+    files = write_samples(out, stem, samples, run_params(imagic, prompt, seed), title=prompt)
+    report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
+              "bundle_bytes": size, "outputs": [str(f) for f in files]}
+    run_json = write_run_json(out, report)
+    return report, [bundle_path, *files, run_json]

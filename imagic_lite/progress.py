@@ -70,6 +70,47 @@ class StageProgress:
             self.progress.update(task, rate=f"{speed:5.1f} it/s")
 
 
+class BatchProgress:
+    """`batch` on the main process: one bar over all jobs of all processes (ETA, failures) and the current job's
+    stage under it. Events come from batch.run_batch."""
+
+    def __init__(self, console: Console, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=False,
+        )
+        self.jobs: TaskID | None = None
+        self.stage: TaskID | None = None
+
+    def __enter__(self) -> BatchProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        kind = event["kind"]
+        if kind == "start":
+            self.jobs = self.progress.add_task("jobs", total=event["total"],
+                                               info=f"{event['processes']} process(es), 0 failed")
+            self.stage = self.progress.add_task("", total=None, info="")
+        elif kind == "totals" and self.jobs is not None:
+            t = event["totals"]
+            self.progress.update(self.jobs, completed=t.finished, info=f"{t.skipped} skipped, {t.failed} failed")
+        elif kind == "job" and self.stage is not None:
+            self.progress.reset(self.stage, total=None, description=f"  {event['name'][:20]} loading", info="")
+        elif kind == "stage" and self.stage is not None:
+            stage = STAGE_NAMES.get(event["stage"], event["stage"]).split()[0]
+            loss = f"loss {event['loss']:.4f}" if "loss" in event else ""
+            self.progress.update(self.stage, description=f"  {event['name'][:20]} stage {stage}",
+                                 total=event["total"], completed=event["step"], info=loss)
+
+
 @dataclass(frozen=True)
 class StageLine:
     """The latest event of one stage, with what the CLI's bar shows beside it."""
