@@ -31,6 +31,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=2, help="stage A and stage B steps per run")
     ap.add_argument("--sample-steps", type=int, default=2, help="stage C DDIM steps (one eta, one seed)")
     ap.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    ap.add_argument("--weights", choices=("fp16", "bf16", "fp32"), default=None,
+                    help="force memory.weights (fp16: the path of cards without bf16, with loss scaling)")
     ap.add_argument("--no-cap", action="store_true", help="do not cap each preset at its card size (vram_gb)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--work", type=Path, default=None, help="folder for the runs' outputs (default: a temp dir)")
@@ -111,7 +113,12 @@ def run_preset(args: argparse.Namespace, name: str, photo: Path, work: Path, dev
     argv = ["--debug", "run", str(photo), "a dog lying down", "--model", args.model, "--preset", name,
             "--device", str(device), "--out", str(out), "--overwrite", "--embed-steps", str(args.steps),
             "--tune-steps", str(args.steps), "--sample-steps", str(args.sample_steps), "--etas", "0.7", "--quiet"]
-    entry: dict[str, Any] = {"preset": name, "cap_gb": cap_gb, "cap_applied": cap["cap_applied"], "ok": False}
+    if args.weights:
+        config = work / f"weights-{args.weights}.toml"
+        config.write_text(f'[memory]\nweights = "{args.weights}"\n')
+        argv += ["--config", str(config)]
+    entry: dict[str, Any] = {"preset": name, "weights": args.weights, "cap_gb": cap_gb,
+                             "cap_applied": cap["cap_applied"], "ok": False}
     start = time.perf_counter()
     try:
         try:
@@ -143,9 +150,10 @@ def _failure(model: str, entry: dict[str, Any]) -> str:
     return f"!! FAILED {model} preset {entry['preset']} at stage {entry['stage']}: {entry['error']}"
 
 
-def results_name(model: str, env: dict) -> str:
+def results_name(model: str, env: dict, weights: str | None = None) -> str:
     where = "cpu" if env["device"] == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower())
     arch = re.sub(r"[^A-Za-z0-9._-]+", "_", model.removeprefix("arch:"))
+    arch += f"-{weights}" if weights else ""
     return f"e2e-{where.strip('-')}-{arch}-{env['date'][:19].replace(':', '').replace('-', '')}.json"
 
 
@@ -162,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         load_preset(name)  # an unknown name fails now, not after an hour of the others
     device = pick_device(args.device)
     env = environment(device, " ".join(["python", "benchmarks/gpu_e2e.py", *(sys.argv[1:] if argv is None else argv)]))
-    entries = []
+    entries: list[dict[str, Any]] = []
+    result = {"schema": "imagic-lite.e2e/1", "model": args.model, "weights": args.weights, "steps": args.steps,
+              "sample_steps": args.sample_steps, "env": env, "presets": entries}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / results_name(args.model, env, args.weights)
     restore = cache_random_builds()
     try:
         with tempfile.TemporaryDirectory(prefix="imagic-e2e-") as tmp:
@@ -173,17 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"+ {args.model} preset {name} ...", flush=True)
                 entry = run_preset(args, name, photo, work, device)
                 entries.append(entry)
+                write_text_atomic(path, json.dumps(result, indent=2, default=str) + "\n")  # a timeout keeps these
                 if entry["ok"]:
                     print(f"  ok   {args.model} preset {name}: {entry['seconds']:.1f} s", flush=True)
                 else:
                     print(_failure(args.model, entry), entry["traceback"], sep="\n", flush=True)
     finally:
         restore()
-    result = {"schema": "imagic-lite.e2e/1", "model": args.model, "steps": args.steps,
-              "sample_steps": args.sample_steps, "env": env, "presets": entries}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / results_name(args.model, env)
-    write_text_atomic(path, json.dumps(result, indent=2, default=str) + "\n")
     failed = [e for e in entries if not e["ok"]]
     print(f"results: {path}")
     for e in failed:

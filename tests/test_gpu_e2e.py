@@ -68,11 +68,12 @@ def test_any_exception_is_reported_with_preset_and_stage(tiny_models_16, tmp_pat
 
 def test_a_clean_run_is_recorded(tiny_models_16, tmp_path, capsys):
     code = e2e.main(["--model", str(tiny_models_16["sd"]), "--presets", "cpu", "--device", "cpu", "--steps", "1",
-                     "--sample-steps", "1", "--out", str(tmp_path)])
+                     "--sample-steps", "1", "--weights", "bf16", "--out", str(tmp_path)])
     assert code == 0, capsys.readouterr().out
-    [results] = list(tmp_path.glob("e2e-cpu-*.json"))
+    [results] = list(tmp_path.glob("e2e-cpu-*-bf16-*.json"))
     [entry] = json.loads(results.read_text())["presets"]
     assert entry["ok"] and entry["cap_gb"] is None and not entry["cap_applied"]
+    assert entry["compute_dtype"] == "bfloat16"  # --weights reached the run
     assert list(entry["stages"]) == ["load", "encode", "A", "B", "C"]
     assert "FAILED" not in capsys.readouterr().out
 
