@@ -371,6 +371,8 @@ def test_stop_mid_run_and_a_second_tab_is_told_busy(edited, browser, server):
 @pytest.mark.slow
 @pytest.mark.browser
 @needs_browser
+@pytest.mark.skipif(os.environ.get("IMAGIC_UI_SCREENSHOT") != "1", reason="rewrites README's picture; run it with "
+                    "IMAGIC_UI_SCREENSHOT=1 python -m pytest -m slow tests/test_ui.py -k screenshot")
 def test_readme_screenshot(browser, server):
     """README's "Web UI" picture: the red circle edited with the shapes model's own settings, then eta moved to 1.3.
     Writes benchmarks/results/ui-edit.png and ui-edit.json (timings, load, versions). About 1-3 minutes."""
