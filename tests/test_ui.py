@@ -56,6 +56,18 @@ def test_missing_gradio_is_one_line_naming_the_install(monkeypatch, capsys):
     assert err.count("\n") == 1 and err.startswith("error:") and INSTALL_HINT in err, err
 
 
+def test_a_port_in_use_is_one_line(tmp_path):
+    pytest.importorskip("gradio", reason=f"Gradio is not installed ({INSTALL_HINT})")
+    from imagic_lite.ui import start
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(InputError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use; pass a free"):
+            start(UISettings(model="shapes", out=tmp_path, port=port))
+
+
 def test_page_overrides_are_checked_like_preset_files():
     assert page_overrides({"embed_steps": "5", "tune_lr": "2e-3", "guidance": " ", "rank": None}) == (
         {"embed": {"steps": 5}}, 0.002)
