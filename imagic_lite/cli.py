@@ -636,7 +636,8 @@ def ui(ctx: click.Context, port: int, host: str, model: str | None, vram: str | 
     console = _console()
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: other machines can reach the page and use this GPU")
-    console.print(f"imagic-lite ui: [bold]http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/[/]"
+    shown = "127.0.0.1" if host == "0.0.0.0" else f"[{host}]" if ":" in host else host  # IPv6 needs brackets
+    console.print(f"imagic-lite ui: [bold]http://{shown}:{port}/[/]"
                   f"{f'  public: {demo.share_url}' if demo.share_url else ''}  files: {out}  (Ctrl-C to stop)")
     try:
         while True:
