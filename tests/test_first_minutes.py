@@ -268,3 +268,23 @@ def test_stage_losses_are_compared_at_fixed_draws(tiny_sd, photo):
     assert all(math.isfinite(x) for x in (a.loss_before, a.loss_after, b.loss_before, b.loss_after))
     assert a.loss_after == b.loss_before
     assert b.loss_after < b.loss_before
+
+
+def test_readme_python_example_shows_progress_and_writes_into_a_folder(tiny_sd, tmp_path, monkeypatch, capsys):
+    """The README's API example, as written but on the tiny model with few steps."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"```python\n(from pathlib import Path.*?)```", readme, re.S).group(1)
+    fast = '{"embed": {"steps": 2}, "tune": {"steps": 2}, "sample": {"steps": 1, "etas": [1.0], "seeds": [0]}}'
+    assert 'Imagic.from_pretrained("shapes", preset="cpu")' in code and '"examples/red-circle.png"' in code
+    code = code.replace('Imagic.from_pretrained("shapes", preset="cpu")',
+                        f'Imagic.from_pretrained({str(tiny_sd)!r}, preset="cpu", overrides={fast})')
+    code = code.replace('"examples/red-circle.png"', repr(str(Path(__file__).parent.parent / "examples" /
+                                                              "red-circle.png")))
+    monkeypatch.chdir(tmp_path)
+    exec(code, {"__name__": "readme"})  # noqa: S102
+    printed = capsys.readouterr().out
+    assert "stage A: 2/2" in printed and "stage C: 1/1" in printed
+    names = sorted(p.name for p in (tmp_path / "imagic-out" / "api").iterdir())
+    assert names == ["red-circle.imagic.safetensors", "red-circle_eta1.00_seed0.png"]
