@@ -520,16 +520,18 @@ def bundle_original_size(meta: dict[str, str]) -> tuple[int, int] | None:
 
 
 def apply_bundle(bundle: Bundle, c: Components) -> None:
-    """Put the bundle's weights, rounded to fp16 exactly as stored, into `c.unet` (so re-editing reproduces)."""
-    from .lora import has_lora, load_lora
+    """Put the bundle's weights, rounded to fp16 exactly as stored, into the pristine `c.unet` (so re-editing
+    reproduces)."""
+    from .lora import load_lora
+    from .pristine import before_base_change, reset_unet
 
     weights = {k: v.to(torch.float16) for k, v in bundle.weights.items()}
+    reset_unet(c)  # a bundle never stacks on an earlier fit's or bundle's weights
     try:
         if bundle.mode == "lora":
             load_lora(c.unet, bundle.lora, weights)
         else:
-            if has_lora(c.unet):
-                c.unet.unload_lora()
+            before_base_change(c)
             c.unet.load_state_dict(weights, strict=True)  # copy_ casts fp16 into each parameter's dtype
     except (ValueError, RuntimeError, KeyError) as exc:
         raise BundleError(f"the bundle's weights do not fit this UNet: {str(exc).splitlines()[0][:200]}") from None
@@ -610,16 +612,42 @@ def _write_embeddings(bundle: Bundle, tmp: Path) -> None:
         tensors |= {"pooled_prompt_embeds": bundle.e_opt.pooled, "e_tgt_pooled": bundle.e_tgt.pooled}
     meta = _shareable(bundle.meta)
     meta["about"] = ("Imagic text-encoder outputs (not a textual-inversion embedding). prompt_embeds is e_opt; the "
-                     "edit conditions on eta*e_tgt + (1-eta)*e_opt (eta about 0.6-0.9), the same mix for the pooled "
-                     "pair on SDXL.")
+                     f"edit conditions on eta*e_tgt + (1-eta)*e_opt (this run sampled eta {_eta_range(bundle)}), the "
+                     "same mix for the pooled pair on SDXL.")
     meta["usage"] = ("pipe.load_lora_weights(folder); pipe(prompt_embeds=eta*e_tgt + (1-eta)*prompt_embeds, "
                      "negative_prompt_embeds=<the empty prompt, encoded>, height=..., width=...); see README.md")
     save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, str(tmp),
               metadata=meta)
 
 
+def _eta_range(bundle: Bundle) -> str:
+    """The etas the run sampled (the model's own defaults, or the user's), as `a-b`."""
+    try:
+        etas = stored_sample(bundle.meta).etas
+    except BundleError:
+        etas = SampleSettings().etas
+    return f"{min(etas):g}-{max(etas):g}" if len(etas) > 1 else f"{etas[0]:g}"
+
+
+def _base_model_code(bundle: Bundle, shared: dict[str, str]) -> tuple[str, str]:
+    """(import line, from_pretrained argument) that load the bundle's base model on the reader's machine."""
+    model = bundle.meta.get("base_model", "")
+    if model == "shapes":  # the shipped model, wherever imagic-lite is installed
+        return "from imagic_lite.models import shapes_dir\n", "shapes_dir()"
+    if shared.get("base_model") != model:  # a local folder: its path is not shared
+        where = "# PATH/TO: where the local folder the bundle was made on lives\n"
+        return where, f'"PATH/TO/{shared.get("base_model")}"'
+    return "", f'"{model}"'
+
+
 def _write_readme(bundle: Bundle, tmp: Path) -> None:
     meta, sdxl = _shareable(bundle.meta), bundle.e_opt.pooled is not None
+    try:
+        sample = stored_sample(bundle.meta)
+    except BundleError:
+        sample = SampleSettings()
+    extra_import, base = _base_model_code(bundle, meta)
+    eta = sorted(sample.etas)[len(sample.etas) // 2]
     pipe = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     negatives = "neg, _, neg_pooled, _" if sdxl else "neg, _"
     pooled = ('    pooled_prompt_embeds=eta * emb["e_tgt_pooled"] + (1 - eta) * emb["pooled_prompt_embeds"],\n'
@@ -631,20 +659,22 @@ def _write_readme(bundle: Bundle, tmp: Path) -> None:
 Base model `{meta.get('base_model')}`, {meta.get('width')}x{meta.get('height')} px, prompt {meta.get('prompt')!r}.
 `pytorch_lora_weights.safetensors` is the UNet LoRA (diffusers layout, lora_alpha in its metadata);
 `embeddings.safetensors` holds e_tgt and e_opt (as `prompt_embeds`): text-encoder outputs, not
-textual-inversion tokens. eta = 0 reconstructs the photo, eta = 1 follows the prompt.
+textual-inversion tokens. eta = 0 reconstructs the photo, eta = 1 follows the prompt; this run sampled
+eta {_eta_range(bundle)} with {sample.steps} DDIM steps and guidance {sample.guidance:g}.
 
 ```python
 from diffusers import {pipe}
 from safetensors.torch import load_file
-
-pipe = {pipe}.from_pretrained("{meta.get('base_model')}")
+{extra_import}
+pipe = {pipe}.from_pretrained({base})
 pipe.load_lora_weights("THIS_FOLDER")
-emb, eta = load_file("THIS_FOLDER/embeddings.safetensors"), 0.7
+emb, eta = load_file("THIS_FOLDER/embeddings.safetensors"), {eta:g}
 {negatives} = pipe.encode_prompt("", device=pipe.device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=False)
 image = pipe(
     prompt_embeds=eta * emb["e_tgt"] + (1 - eta) * emb["prompt_embeds"], negative_prompt_embeds=neg,
 {pooled}    height={meta.get('height')}, width={meta.get('width')},
+    num_inference_steps={sample.steps}, guidance_scale={sample.guidance:g},
 ).images[0]
 ```
 In ComfyUI the mix is the `Conditioning (Average)` node (strength eta on e_tgt).

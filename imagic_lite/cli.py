@@ -5,6 +5,7 @@ Heavy imports (torch, diffusers) happen inside commands so `--help` answers at o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -101,6 +102,12 @@ def _etas_default() -> str:
     return f"{numbers}; --model shapes {','.join(str(float(e)) for e in shapes_etas)}; edit: the bundle's"
 
 
+AUTO_ETA = click.option(
+    "--auto-eta", "auto_eta", is_flag=False, flag_value="diffusion", default=None, metavar="[clip:PATH]",
+    help="Choose eta: judge the rendered etas with the model itself (no extra weights), or with a local CLIP folder "
+    "(clip:PATH); the grid marks the choice. Put it after the arguments.")
+
+
 def _common_sample_options(fn):
     from .config import DEFAULT_MODEL
 
@@ -111,10 +118,6 @@ def _common_sample_options(fn):
         click.option("--sample-steps", type=int, help="DDIM steps in stage C."),
         click.option("--guidance", type=float, help="Classifier-free guidance scale."),
         click.option("--batch", type=int, help="Images per UNet call in stage C."),
-        click.option("--auto-eta", "auto_eta", is_flag=False, flag_value="diffusion", default=None,
-                     metavar="[clip:PATH]", help="Choose eta: judge the rendered etas with the model itself (no extra "
-                     "weights), or with a local CLIP folder (clip:PATH); the grid marks the choice. Put it after "
-                     "the arguments."),
         click.option("--model", show_default=f"{DEFAULT_MODEL}; edit: the bundle's base model",
                      help="Hub id, local diffusers folder, or `shapes` (the shipped small model)."),
         click.option("--vram", help="GB of GPU memory to plan for (picks the fastest preset that fits), or auto."),
@@ -135,6 +138,7 @@ def _common_sample_options(fn):
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @_common_sample_options
+@AUTO_ETA
 @click.option("--embed-steps", type=int, help="Stage A steps (optimise e_opt).")
 @click.option("--tune-steps", type=int, help="Stage B steps (fine-tune the UNet).")
 @click.option("--embed-lr", type=float, help="Stage A learning rate.")
@@ -190,8 +194,46 @@ def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: s
         console.print(f"[bold]imagic-lite[/] preset [cyan]{p.name}[/] on {imagic.components.device} "
                       f"({str(imagic.components.dtype).replace('torch.', '')}), model {imagic.components.model_id}, "
                       f"{p.embed.steps}+{p.tune.steps} steps, tune {p.tune.mode}")
-    _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
-                quiet=quiet, json_out=json_out, console=console, shown=shown, auto=auto)
+    with _disk_full_says_need(_output_bytes(imagic, len(imagic.preset.sample.etas) * len(imagic.preset.sample.seeds))):
+        _finish_run(imagic, loaded.image, prompt, stem, out, seed=seed, resume=resume, thumbnail=not no_thumbnail,
+                    quiet=quiet, json_out=json_out, console=console, shown=shown, auto=auto)
+
+
+def _output_bytes(imagic, images: int, *, bundle: bool = True) -> int:
+    """About what a run writes, for the disk-full message: the bundle (LoRA or full UNet in fp16, the two
+    embeddings) and PNGs at most their uncompressed size (samples, and a grid of them beside the input)."""
+    import math
+
+    from .bundle import lora_shapes
+    from .lora import lora_config
+
+    c, p = imagic.components, imagic.preset
+    total = 2**20 + (2 * images + 2) * c.native**2 * 3  # + metadata, run.json, thumbnail
+    if bundle:
+        if p.tune.mode == "lora":
+            weights = sum(math.prod(s) for s in lora_shapes(c.unet, lora_config(p.tune)).values())
+        else:
+            weights = sum(t.numel() for t in c.unet.parameters())
+        hidden = sum(int(e.config.hidden_size) for e in c.text_encoders)
+        total += 2 * weights + 2 * 4 * hidden * 77
+    return total
+
+
+@contextlib.contextmanager
+def _disk_full_says_need(need: int):
+    """A full disk while writing outputs: say how much the run writes, and how much is free."""
+    import shutil
+
+    from .errors import DiskFull
+
+    try:
+        yield
+    except DiskFull as exc:
+        try:
+            free = f", {shutil.disk_usage(exc.folder).free / 2**20:.1f} MB free now"
+        except (OSError, TypeError):
+            free = ""
+        raise DiskFull(f"{exc.message}; this run writes up to {need / 2**20:.1f} MB there{free}", exc.folder) from None
 
 
 def _auto_eta(value: str | None):
@@ -208,29 +250,61 @@ def _auto_eta(value: str | None):
 
 def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, resume: bool, thumbnail: bool,
                 quiet: bool, json_out: bool, console, shown: int, auto=False) -> None:
-    from .bundle import save_bundle
-    from .checkpoint import CHECKPOINT_NAME
     from .imagic import StopFlag
-    from .outputs import write_run_json, write_samples
+    from .outputs import fit_and_write
     from .progress import StageProgress
 
-    checkpoint = out / CHECKPOINT_NAME
-    bundle_path = out / f"{stem}.imagic.safetensors"
-    with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
-        bundle = imagic.fit(image, prompt, seed=seed, progress=progress, stop=stop, checkpoint=checkpoint,
-                            resume=resume, thumbnail=thumbnail)
-        size = save_bundle(bundle_path, bundle, thumbnail=thumbnail)
-        checkpoint.unlink(missing_ok=True)
-        _print_notes(console, imagic.notes[shown:])
-        samples = imagic.generate(progress=progress, stop=stop, auto_eta=auto)
-    params = {"prompt": prompt, "model": imagic.components.model_id, "preset": imagic.preset.name,
-              "seed_fit": seed, "sample_steps": imagic.preset.sample.steps, "guidance": imagic.preset.sample.guidance}
-    choice = imagic.eta_choice.to_dict() if imagic.eta_choice else None
-    files = write_samples(out, stem, samples, params, title=prompt, auto_eta=choice)
-    report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
-              "bundle_bytes": size, "outputs": [str(f) for f in files]}
-    run_json = write_run_json(out, report)
-    _summary(report, [bundle_path, *files, run_json], json_out, quiet)
+    with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as bars:
+        p = imagic.preset
+        steps = {"A": p.embed.steps, "B": p.tune.steps, "C": p.sample.steps * len(p.sample.etas) * len(p.sample.seeds)}
+        progress = RunClock(bars, console, steps, enabled=not (quiet or json_out),
+                            on_gpu=imagic.components.device.type == "cuda")
+        report, files = fit_and_write(imagic, image, prompt, stem, out, seed=seed, resume=resume,
+                                      thumbnail=thumbnail, progress=progress, stop=stop,
+                                      fitted=lambda: _print_notes(console, imagic.notes[shown:]), auto_eta=auto)
+    _summary(report, files, json_out, quiet)
+
+
+class RunClock:
+    """Wraps the progress callback: after the first stage's first few steps, one line with about how long the rest
+    of the run takes at the measured pace, and what makes it faster (a busy machine shows up in the pace)."""
+
+    def __init__(self, progress, console, steps: dict[str, int], enabled: bool, on_gpu: bool,
+                 clock=None) -> None:
+        import time
+
+        self.progress, self.console, self.steps, self.enabled, self.on_gpu = progress, console, steps, enabled, on_gpu
+        self.clock = clock or time.perf_counter
+        self.start: tuple[str, int, float] | None = None  # (stage, step, time) of the first event seen
+        self.said = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.progress(event)
+        if self.said or not self.enabled:
+            return
+        now, stage, step = self.clock(), event["stage"], event["step"]
+        if self.start is None or self.start[0] != stage:
+            self.start = (stage, step, now)  # from the first step on: the first one also pays for warm-up
+            return
+        _, step0, t0 = self.start
+        if step - step0 < 3 and now - t0 < 10:
+            return
+        per_step = (now - t0) / (step - step0)
+        order = list(self.steps)
+        left = sum(self.steps[s] for s in order[order.index(stage) + 1:]) + self.steps[stage] - step
+        faster = "fewer --embed-steps/--tune-steps/--sample-steps, fewer --etas or --seeds"
+        faster += ", a larger --vram preset" if self.on_gpu else ", a GPU (--vram N), an idle machine"
+        self.console.print(f"[yellow]note:[/] about {_duration(per_step * left)} to go at {per_step:.2f} s a step "
+                           f"(measured; {left} steps left, sampling steps counted alike); faster: {faster}")
+        self.said = True
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: bool = False) -> None:
@@ -242,13 +316,14 @@ def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: b
         return
     from rich.table import Table
 
-    table = Table(title="stages", show_edge=False)
-    for col in ("stage", "seconds", "steps", "peak memory", "loss, first -> last 10 %"):
+    table = Table(title="stages", show_edge=False, caption="* denoising loss at 8 fixed (timestep, noise) draws: "
+                  "A, the prompt's embedding -> e_opt; B, the UNet before -> after tuning")
+    for col in ("stage", "seconds", "steps", "peak memory", "loss before -> after*"):
         table.add_column(col)
     for r in report["stages"]:
         peak = r["peak"]
         memory = f"{peak['peak_bytes'] / 2**30:.2f} GiB {peak['label']}" if peak.get("peak_bytes") else ""
-        loss = f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}" if r.get("loss_first") is not None else ""
+        loss = f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}" if r.get("loss_after") is not None else ""
         table.add_row(r["stage"], f"{r['seconds']:.1f}", str(r["steps"]), memory, loss)
     console = _console(stderr=False)
     console.print(table)
@@ -269,6 +344,7 @@ def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: b
 @cli.command(epilog=EXIT_HELP)
 @click.argument("bundle_path", metavar="BUNDLE", type=click.Path(path_type=Path))
 @_common_sample_options
+@AUTO_ETA
 @click.option("--force", is_flag=True, help="Use the bundle even if it was made on a different base model.")
 @click.pass_context
 def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | None, preset: str | None,
@@ -280,7 +356,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
 
     from .bundle import check_compatible, load_bundle, stored_sample
     from .imagic import StopFlag
-    from .outputs import prepare_out_dir, write_run_json, write_samples
+    from .outputs import edit_params, prepare_out_dir, write_run_json, write_samples
     from .progress import StageProgress
 
     auto = _auto_eta(auto_eta)
@@ -303,13 +379,14 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
         samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop, auto_eta=auto)
     prompt = bundle.meta.get("prompt", "")
-    params = {"prompt": prompt, "model": imagic.components.model_id, "bundle": bundle_path.name,
-              "sample_steps": sample.steps, "guidance": sample.guidance}
+    params = edit_params(imagic, prompt, bundle_path.name, sample)
     choice = imagic.eta_choice.to_dict() if imagic.eta_choice else None
-    files = write_samples(out, stem, samples, params, title=prompt, auto_eta=choice)
-    report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path), "outputs": [str(f) for f in files]}
-    report["preset"]["sample"] = sample.__dict__
-    run_json = write_run_json(out, report)
+    with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
+        files = write_samples(out, stem, samples, params, title=prompt, auto_eta=choice)
+        report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
+                  "outputs": [str(f) for f in files]}
+        report["preset"]["sample"] = sample.__dict__
+        run_json = write_run_json(out, report)
     _summary(report, [*files, run_json], json_out, quiet)
 
 
@@ -409,11 +486,16 @@ def export(bundle_path: Path, outdir: Path, to: str, overwrite: bool) -> None:
 @click.option("--device", help="Torch device (default: cuda if present).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @click.option("--json", "json_out", is_flag=True, help="Print the result as JSON.")
+@click.option("--simulate", is_flag=True, help="Peak GPU memory and FLOPs from the real stages on fake tensors "
+              "(no GPU needed, nothing allocated); --steps, --warmup, --cap-gb and --device do not apply.")
 @click.pass_context
 def bench(ctx: click.Context, model: str, preset_list: str, resolution: int | None, steps: int, warmup: int,
-          cap_gb: float | None, device: str | None, out: Path, json_out: bool) -> None:
+          cap_gb: float | None, device: str | None, out: Path, json_out: bool, simulate: bool) -> None:
     """Measure peak memory and step time of stages A, B, C per preset, as ratios to the paper's way."""
     _quiet_libraries(ctx.obj["debug"])
+    if simulate:
+        _bench_simulated(model, preset_list, resolution, out, json_out)
+        return
     from .bench import render_table, run_bench, write_results
     from .models import pick_device
 
@@ -426,6 +508,27 @@ def bench(ctx: click.Context, model: str, preset_list: str, resolution: int | No
         click.echo(json.dumps(result, indent=2, default=str))
     else:
         click.echo(render_table(result))
+        click.echo(f"results: {path}")
+
+
+def _bench_simulated(model: str, preset_list: str, resolution: int | None, out: Path, json_out: bool) -> None:
+    from . import simulate
+
+    names = [p.strip() for p in preset_list.split(",") if p.strip()]
+    console = _console()
+
+    def said(event: dict) -> None:
+        if not json_out:
+            console.print(f"simulated {event['preset']}: {event['peak_allocated_bytes'] / 2**30:.2f} GiB at the peak "
+                          f"(stage {event['peak_stage']})")
+
+    result = simulate.simulate_presets(model, names, resolution, command=" ".join(["imagic-lite", *sys.argv[1:]]),
+                                       on_event=said)
+    path = simulate.write_results(result, out)
+    if json_out:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(simulate.render_table(result))
         click.echo(f"results: {path}")
 
 
@@ -462,6 +565,115 @@ def presets_command(json_out: bool) -> None:
             f"{est_b / 2**30:.2f} GiB" if est_b else "-", f"{meas_b / 2**30:.2f} GiB" if meas_b else "-",
         )
     _console(stderr=False).print(table)
+
+
+@cli.command(name="batch", epilog=EXIT_HELP + " In `batch`, 0 means every job is done or was already; 2 a bad "
+             "jobs file (one line per bad row, nothing run); 8 some jobs failed (the last line counts them).")
+@click.argument("jobs_file", metavar="JOBS", type=click.Path(path_type=Path))
+@_common_sample_options
+@click.option("--embed-steps", type=int, help="Stage A steps (a job's embed_steps column overrides).")
+@click.option("--tune-steps", type=int, help="Stage B steps (a job's tune_steps column overrides).")
+@click.option("--embed-lr", type=float, help="Stage A learning rate.")
+@click.option("--tune-lr", type=float, help="Stage B learning rate.")
+@click.option("--rank", type=int, help="LoRA rank.")
+@click.option("--mode", type=click.Choice(["lora", "full"]), help="Stage B: LoRA (default) or full fine-tune.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML with [embed]/[tune]/[sample].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for stages A and B of every job.")
+@click.option("--no-thumbnail", is_flag=True, help="Leave the inputs' thumbnails out of the bundles.")
+@click.pass_context
+def batch_command(ctx: click.Context, jobs_file: Path, model: str | None, vram: str | None, preset: str | None,
+                  device: str | None, out: Path | None, overwrite: bool, quiet: bool, json_out: bool,
+                  etas: str | None, seeds: str | None, sample_steps: int | None, guidance: float | None,
+                  batch: int | None, embed_steps: int | None, tune_steps: int | None, embed_lr: float | None,
+                  tune_lr: float | None, rank: int | None, mode: str | None, config_file: Path | None, seed: int,
+                  no_thumbnail: bool) -> None:
+    """Run many (image, prompt) jobs from a CSV or JSON Lines file into --out DIR/<name>/, each as `run` would.
+
+    JOBS has the columns image,prompt and optionally etas, seeds, preset, tune_steps, embed_steps, name. Under
+    `accelerate launch --multi_gpu --num_processes N -m imagic_lite batch ...` the jobs are shared out by index. A
+    rerun skips complete jobs and resumes interrupted ones; --overwrite redoes complete ones too."""
+    from .batch import BatchSettings, process_state, read_jobs, run_batch
+    from .errors import BatchFailed
+    from .imagic import StopFlag
+    from .models import DEFAULT_MODEL
+    from .progress import BatchProgress
+
+    state = process_state()
+    try:
+        if out is None:
+            raise InputError("batch needs --out DIR (each job writes DIR/<name>/, plus DIR/summary.jsonl)")
+        if seed < 0:
+            raise InputError(f"--seed must be >= 0, got {seed}")
+        settings = BatchSettings(
+            model=model or DEFAULT_MODEL, preset=preset, vram=vram, device=device,
+            config_file=str(config_file) if config_file else None, tune_lr=tune_lr, seed=seed,
+            thumbnail=not no_thumbnail, overwrite=overwrite, overrides=_overrides(
+                embed_steps=embed_steps, embed_lr=embed_lr, tune_steps=tune_steps, rank=rank, mode=mode,
+                sample_steps=sample_steps, guidance=guidance, etas=_numbers(etas, "--etas"),
+                seeds=_numbers(seeds, "--seeds", int), batch=batch))
+        jobs = read_jobs(jobs_file, settings)
+        _quiet_libraries(ctx.obj["debug"])
+        show = state.is_main_process and not (quiet or json_out)
+        with StopFlag().installed() as stop, BatchProgress(_console(), enabled=show) as progress:
+            lines = run_batch(jobs, out, settings, state=state, stop=stop, events=progress)
+    except ImagicError as exc:
+        if not state.is_main_process:  # the main process says it once
+            sys.exit(exc.exit_code)
+        raise
+    if not state.is_main_process:
+        return
+    counts = {s: sum(line["status"] == s for line in lines) for s in ("done", "skipped", "failed")}
+    if json_out:
+        click.echo(json.dumps({"jobs": lines, **counts, "total": len(lines), "summary": str(out / "summary.jsonl")},
+                              indent=2, default=str))
+    else:
+        for line in lines:
+            if line["status"] == "failed":
+                click.echo(f"failed: {line['name']} (exit {line['exit_code']}): {line['error']}")
+    last = (f"{counts['failed']} of {len(lines)} jobs failed ({counts['done']} done, {counts['skipped']} skipped "
+            f"as complete); see {out / 'summary.jsonl'}")
+    if counts["failed"]:
+        raise BatchFailed(last)
+    click.echo(f"batch: {counts['done']} done, {counts['skipped']} skipped as complete, 0 failed of {len(lines)} "
+               f"jobs; summary: {out / 'summary.jsonl'}", err=json_out)
+
+
+@cli.command(epilog=EXIT_HELP)
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to serve on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 lets other machines on your network use the page (and your GPU).")
+@click.option("--model", help="Model the page starts with: hub id, local diffusers folder, or `shapes`.")
+@click.option("--vram", help="GB of GPU memory to plan for, or auto (the page can change it).")
+@click.option("--device", help="Torch device, e.g. cuda:1 or cpu (default: cuda if present).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("imagic-out"), show_default=True,
+              help="Folder for uploads and outputs (one subfolder per run).")
+@click.option("--share", is_flag=True, help="Also open a public gradio.live link: anyone with it can use the page.")
+@click.pass_context
+def ui(ctx: click.Context, port: int, host: str, model: str | None, vram: str | None, device: str | None,
+       out: Path, share: bool) -> None:
+    """A local web page: drop a photo, type the edit, then slide eta (needs pip install 'imagic-lite[ui]')."""
+    import time
+
+    from .ui import UISettings, require_gradio, start
+
+    require_gradio()
+    from .models import DEFAULT_MODEL
+
+    demo = start(UISettings(model=model or DEFAULT_MODEL, vram=vram, out=out, host=host, port=port, share=share,
+                            device=device))
+    _quiet_libraries(ctx.obj["debug"])  # after the page is up: importing diffusers takes seconds
+    console = _console()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {host}: other machines can reach the page and use this GPU")
+    shown = "127.0.0.1" if host == "0.0.0.0" else f"[{host}]" if ":" in host else host  # IPv6 needs brackets
+    console.print(f"imagic-lite ui: [bold]http://{shown}:{port}/[/]"
+                  f"{f'  public: {demo.share_url}' if demo.share_url else ''}  files: {out}  (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        demo.close()
+        console.print("stopped")
 
 
 def _sigterm_as_interrupt() -> None:

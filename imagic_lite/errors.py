@@ -55,6 +55,24 @@ class OutputError(ImagicError):
     exit_code = 7
 
 
+class DiskFull(OutputError):
+    """The disk (or quota) ran out while writing an output; the half-written temporary file was removed."""
+
+    exit_code = 7
+
+    HINT = "free space there or choose another --out"
+
+    def __init__(self, message: str, folder: object = None) -> None:
+        super().__init__(f"{message}; {self.HINT}")
+        self.message, self.folder = message, folder
+
+
+class BatchFailed(ImagicError):
+    """`batch` ran every job it could, and some failed (summary.jsonl says which and why)."""
+
+    exit_code = 8
+
+
 class Interrupted(ImagicError):
     """Ctrl-C or SIGTERM; a resumable checkpoint may have been written."""
 
@@ -78,5 +96,6 @@ EXIT_CODES = {
     5: "training diverged (non-finite loss)",
     6: "bad or mismatched bundle",
     7: "output not writable or already exists",
+    8: "batch: some jobs failed (the last line counts them; DIR/summary.jsonl says why)",
     130: "interrupted (Ctrl-C / SIGTERM)",
 }

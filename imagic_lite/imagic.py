@@ -10,7 +10,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ class StageState:
     params: dict[str, torch.Tensor]  # e_opt (A) or trainable weights (B)
     optimizer: dict[str, Any]
     generator: torch.Tensor  # CPU generator state
+    scaler: dict[str, Any] = field(default_factory=dict)  # GradScaler state (fp16); empty when not scaling
 
 
 class StopFlag:
@@ -94,6 +95,19 @@ def prediction_target(c: Components, x0: torch.Tensor, noise: torch.Tensor, t: t
     raise ConfigError(f"unsupported prediction type {c.prediction_type!r}")
 
 
+FIXED_DRAWS = 8  # (timestep, noise) pairs of fixed_loss: 8 UNet forwards, one at a time (batch 1 fits any preset)
+
+
+@torch.no_grad()
+def fixed_loss(c: Components, latent: torch.Tensor, cond: Cond, original: tuple[int, int] | None = None,
+               draws: int = FIXED_DRAWS, seed: int = 0) -> float:
+    """The denoising loss at the same `draws` seeded (timestep, noise) pairs every time it is called. One training
+    step's loss mostly reflects its random timestep (a stage's first and last steps can show a falling loss
+    rising); this one compares a stage's before and after."""
+    generator = torch.Generator().manual_seed(seed)
+    return sum(denoising_loss(c, latent, cond, generator, 1, original).item() for _ in range(draws)) / draws
+
+
 def _check_finite(loss: torch.Tensor, stage: str, step: int, c: Components) -> None:
     if not torch.isfinite(loss):
         hint = "use --preset cpu or a preset with weights = 'bf16'/'fp32'" if c.dtype == torch.float16 else \
@@ -118,8 +132,9 @@ def _oom_guard(stage: str, c: Components) -> Iterator[None]:
 
 
 def _scaler(c: Components) -> torch.amp.GradScaler:
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it.
-    return torch.amp.GradScaler(c.device.type, enabled=c.dtype == torch.float16 and c.device.type == "cuda")
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it. On every device (CPU too), so
+    # the scaled path, its skipped steps and its resume are the same code wherever they run.
+    return torch.amp.GradScaler(c.device.type, enabled=c.dtype == torch.float16)
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], lr: float, kind: str, weight_decay: float):
@@ -143,13 +158,15 @@ def _train_loop(stage: str, c: Components, params: dict[str, torch.nn.Parameter]
         generator.set_state(resume.generator)
         start = resume.step
     scaler = _scaler(c)
+    if resume is not None and resume.scaler and scaler.is_enabled():
+        scaler.load_state_dict(resume.scaler)  # the loss scale and its growth counter: without them no exact resume
     losses: list[float] = []
     with _oom_guard(stage, c):
         for step in range(start, steps):
             if stop is not None and stop.is_set():
                 state = {k: v.detach().cpu().clone() for k, v in params.items()}
                 raise Interrupted.with_state(StageState(stage, step, state, optimizer.state_dict(),
-                                                        generator.get_state()))
+                                                        generator.get_state(), scaler.state_dict()))
             loss = loss_fn()
             _check_finite(loss, stage, step, c)
             scaler.scale(loss).backward()
@@ -180,7 +197,8 @@ def optimize_embedding(c: Components, latent: torch.Tensor, e_tgt: Cond, setting
 
     losses = _train_loop("A", c, params, optimizer, loss_fn, settings.steps, generator, progress, stop, resume)
     c.unet.eval()
-    e_opt = Cond(params["embeds"].detach().cpu(), None if "pooled" not in params else params["pooled"].detach().cpu())
+    pooled = None if "pooled" not in params else params["pooled"].detach().to(c.host)
+    e_opt = Cond(params["embeds"].detach().to(c.host), pooled)
     return e_opt, losses
 
 
@@ -194,6 +212,9 @@ def finetune(c: Components, latent: torch.Tensor, e_opt: Cond, settings: TuneSet
     else:
         if c.memory.storage != "none":
             raise ConfigError("tune.mode = 'full' needs an unquantized base (memory.storage = 'none')")
+        from .pristine import before_base_change
+
+        before_base_change(c)
         c.unet.float()  # the paper's way: every weight trains, in fp32
         c.unet.requires_grad_(True)
         named = dict(c.unet.named_parameters())
@@ -210,7 +231,7 @@ def finetune(c: Components, latent: torch.Tensor, e_opt: Cond, settings: TuneSet
     c.unet.requires_grad_(False)
     del optimizer
     weights = lora_state_dict(c.unet) if settings.mode == "lora" else \
-        {k: v.detach().cpu().clone() for k, v in c.unet.state_dict().items()}
+        {k: v.detach().to(c.host).clone() for k, v in c.unet.state_dict().items()}
     return weights, losses
 
 

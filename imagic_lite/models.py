@@ -56,11 +56,12 @@ class Family:
     text_encoders: int  # SDXL concatenates two encoders' penultimate layers
     pooled: bool  # SDXL feeds the second encoder's pooled output to the UNet
     vae_fp16_unsafe: bool  # the stock SDXL VAE overflows in fp16: decode it in fp32 (bf16 is fine)
+    zero_uncond: bool = False  # the pipeline honours model_index.json's force_zeros_for_empty_prompt (default on)
 
 
 FAMILIES = {
     "sd": Family("sd", text_encoders=1, pooled=False, vae_fp16_unsafe=False),
-    "sdxl": Family("sdxl", text_encoders=2, pooled=True, vae_fp16_unsafe=True),
+    "sdxl": Family("sdxl", text_encoders=2, pooled=True, vae_fp16_unsafe=True, zero_uncond=True),
 }
 
 
@@ -80,6 +81,15 @@ class Components:
     fingerprint: str
     memory: MemorySettings
     notes: list[str] = field(default_factory=list)
+    pristine: dict[str, torch.Tensor] | None = None  # CPU copy of the base UNet, kept before a full fine-tune
+    unet_changed: bool = False  # the base weights differ from `pristine` (see pristine.py)
+    host: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where offloaded modules wait
+    zero_uncond: bool = False  # the unconditional embedding is zeros, not the empty prompt's (SDXL; see encode_uncond)
+
+    @property
+    def offloads(self) -> bool:
+        """Whether moving a module to `host` frees accelerator memory (not when the host computes)."""
+        return self.device.type != self.host.type
 
     @property
     def vae_scale(self) -> int:
@@ -196,13 +206,17 @@ def download_command(model: str) -> str:
             f"snapshot_download('{model}', allow_patterns={list(HUB_PATTERNS)})\"")
 
 
-def detect_family(path: Path) -> Family:
+def model_index(path: Path) -> dict:
     import json
 
     try:
-        index = json.loads((path / "model_index.json").read_text())
+        return json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}/model_index.json is unreadable: {exc}") from None
+
+
+def detect_family(path: Path) -> Family:
+    index = model_index(path)
     if "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] is not None:
         return FAMILIES["sdxl"]
     return FAMILIES["sd"]
@@ -219,8 +233,9 @@ def compute_dtype(weights: str, device: torch.device) -> torch.dtype:
         return torch.float16
     if weights == "bf16":
         return torch.bfloat16
-    # "half": bf16 where supported (no loss scaling needed), else fp16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # "half": bf16 where the card computes it natively (no loss scaling needed), else fp16 + loss scaling.
+    # torch.cuda.is_bf16_supported() counts emulation (a T4 says True) and asks the current device, not `device`.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return torch.float16
     return torch.bfloat16
 
@@ -327,6 +342,21 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def config_fingerprint(path: Path) -> str:
+    """Identity of an architecture: its UNet, VAE and text-encoder configs without the bookkeeping keys (`_name...`,
+    `_diffusers_version`), so every fine-tune of one architecture shares it (memory does not depend on weights)."""
+    import json
+
+    digest = hashlib.sha256()
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        config = path / name / "config.json"
+        if config.is_file():
+            data = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
+            data.pop("transformers_version", None)
+            digest.update(name.encode() + json.dumps(data, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def library_chatter(shown: bool) -> Iterator[None]:
     """Silence what diffusers, transformers and bitsandbytes print while loading ("Loading weights" bars, "modules
@@ -362,19 +392,28 @@ def library_chatter(shown: bool) -> Iterator[None]:
 
 
 def load_components(model: str, memory: MemorySettings, device: torch.device, *,
-                    chatter: bool = False) -> Components:
+                    chatter: bool = False, empty: bool = False,
+                    quantize: Callable[..., int] = quantize_bnb) -> Components:
     """Load `model` and apply every memory knob of `memory`; all base weights frozen. `chatter`: let the
-    libraries print their own loading messages."""
+    libraries print their own loading messages. `empty`: build from the configs on the meta device and leave it
+    there (no weights read or allocated), with `quantize` standing in for bitsandbytes, which needs real tensors:
+    the memory simulation's way in."""
     with library_chatter(chatter):
-        return _load_components(model, memory, device)
+        return _load_components(model, memory, device, empty, quantize)
 
 
-def _load_components(model: str, memory: MemorySettings, device: torch.device) -> Components:
+def _load_components(model: str, memory: MemorySettings, device: torch.device, empty: bool,
+                     quantize: Callable[..., int]) -> Components:
     path = resolve_model(model)
     family = detect_family(path)
     dtype = compute_dtype(memory.weights, device)
-    unet, vae, encoders, tokenizers, scheduler = _load(path, family, dtype)
-    fingerprint = file_fingerprint(path / "unet") or unet_fingerprint(unet)
+    if empty:
+        with torch.device("meta"):
+            unet, vae, encoders, tokenizers, scheduler = _build_random(path, family)
+        fingerprint = config_fingerprint(path)
+    else:
+        unet, vae, encoders, tokenizers, scheduler = _load(path, family, dtype)
+        fingerprint = file_fingerprint(path / "unet") or unet_fingerprint(unet)
     notes: list[str] = []
 
     for module in (unet, vae, *encoders):
@@ -385,15 +424,18 @@ def _load_components(model: str, memory: MemorySettings, device: torch.device) -
     if memory.storage == "fp8":
         store_fp8(unet)
     elif memory.storage in ("nf4", "int8"):
-        quantize_bnb(unet, memory.storage, dtype, device)
-    unet.to(device)
+        quantize(unet, memory.storage, dtype, device)
+    if not empty:
+        unet.to(device)
 
     vae_dtype = torch.float32 if (family.vae_fp16_unsafe and dtype == torch.float16) else dtype
     if vae_dtype != dtype:
         notes.append("VAE kept in fp32: the stock SDXL VAE overflows in fp16")
-    cast_frozen(vae, vae_dtype)
+    # The VAE and text encoders run outside autocast, where CUDA's norm kernels take one dtype for input and
+    # weight: each holds a single dtype, whole (cast_frozen's fp32 norms are for the UNet, which autocast feeds).
+    vae.to(vae_dtype)
     for encoder in encoders:
-        cast_frozen(encoder, dtype)
+        encoder.to(dtype)
     if memory.vae_slicing:
         vae.enable_slicing()
     if memory.vae_tiling:
@@ -409,6 +451,7 @@ def _load_components(model: str, memory: MemorySettings, device: torch.device) -
     return Components(
         family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, scheduler=scheduler,
         device=device, dtype=dtype, model_id=model, fingerprint=fingerprint, memory=memory, notes=notes,
+        zero_uncond=family.zero_uncond and bool(model_index(path).get("force_zeros_for_empty_prompt", True)),
     )
 
 
@@ -450,6 +493,15 @@ def encode_text(c: Components, prompt: str) -> tuple[Cond, str]:
     return ENCODERS[c.family.name](c, prompt)
 
 
+def encode_uncond(c: Components) -> Cond:
+    """The unconditional side of classifier-free guidance: the empty prompt's encoding, or zeros (sequence and
+    pooled) where the model says force_zeros_for_empty_prompt, as diffusers' SDXL pipeline does."""
+    cond, _ = encode_text(c, "")
+    if not c.zero_uncond:
+        return cond
+    return Cond(torch.zeros_like(cond.embeds), None if cond.pooled is None else torch.zeros_like(cond.pooled))
+
+
 def _truncated_words(tokenizer, prompt: str) -> str:
     ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
     limit = tokenizer.model_max_length - 2
@@ -469,7 +521,7 @@ def _encode_sd(c: Components, prompt: str) -> tuple[Cond, str]:
     encoder, tokenizer = c.text_encoders[0], c.tokenizers[0]
     device = next(encoder.parameters()).device
     hidden = encoder(_tokens(tokenizer, prompt, device))[0]
-    return Cond(hidden.float().cpu()), _truncated_words(tokenizer, prompt)
+    return Cond(hidden.float().to(c.host)), _truncated_words(tokenizer, prompt)
 
 
 @torch.no_grad()
@@ -482,7 +534,7 @@ def _encode_sdxl(c: Components, prompt: str) -> tuple[Cond, str]:
         states.append(out.hidden_states[-2])
         pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
     embeds = torch.cat(states, dim=-1)
-    return Cond(embeds.float().cpu(), pooled.float().cpu()), _truncated_words(c.tokenizers[0], prompt)
+    return Cond(embeds.float().to(c.host), pooled.float().to(c.host)), _truncated_words(c.tokenizers[0], prompt)
 
 
 ENCODERS: dict[str, Callable[[Components, str], tuple[Cond, str]]] = {"sd": _encode_sd, "sdxl": _encode_sdxl}
@@ -492,9 +544,10 @@ def unet_kwargs(c: Components, cond: Cond, height: int, width: int,
                 original: tuple[int, int] | None = None) -> dict:
     """Keyword arguments for one UNet call; SDXL adds pooled text and the size/crop time ids.
 
-    SDXL was trained knowing each photo's size before resizing (`original`, height x width) and its crop: we never
-    crop, so the crop is (0, 0), and the original size is the photo's own, as the issue and SDXL's paper ask. Without
-    it (None) the working size stands in, which tells SDXL the photo was small."""
+    SDXL was trained knowing each photo's size before resizing (`original`, height x width) and its crop: we cut
+    only the few pixels that give the working size's aspect (images.fit_crop), so the crop is given as (0, 0) and
+    the original size is the photo's own, as the issue and SDXL's paper ask. Without it (None) the working size
+    stands in, which tells SDXL the photo was small."""
     kwargs = {"encoder_hidden_states": cond.embeds}
     if c.family.pooled:
         n = cond.embeds.shape[0]
@@ -515,10 +568,10 @@ def encode(c: Components, pixels: torch.Tensor, prompt: str) -> Encoded:
     posterior = c.vae.encode(pixels.to(c.device, vae_dtype)).latent_dist
     latent = (posterior.mean * c.scaling_factor).float()  # the mean: deterministic, as the paper's fixed x
     e_tgt, truncated = encode_text(c, prompt)
-    uncond, _ = encode_text(c, "")
-    if c.memory.offload_encoders and c.device.type != "cpu":
+    uncond = encode_uncond(c)
+    if c.memory.offload_encoders and c.offloads:
         for module in (c.vae, *c.text_encoders):
-            _place(module, torch.device("cpu"))
+            _place(module, c.host)
         torch.cuda.empty_cache()
     return Encoded(latent=latent, e_tgt=e_tgt, uncond=uncond, truncated=truncated)
 
@@ -526,14 +579,14 @@ def encode(c: Components, pixels: torch.Tensor, prompt: str) -> Encoded:
 @torch.no_grad()
 def decode(c: Components, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> pixels in [-1, 1] on the CPU; the UNet steps aside first when `sample_offload` is on."""
-    if c.memory.sample_offload and c.device.type != "cpu":
-        c.unet.to("cpu")
+    if c.memory.sample_offload and c.offloads:
+        c.unet.to(c.host)
         torch.cuda.empty_cache()
     _place(c.vae, c.device)
     vae_dtype = next(c.vae.parameters()).dtype
-    images = c.vae.decode(latents.to(c.device, vae_dtype) / c.scaling_factor).sample.float().cpu()
-    if c.memory.offload_encoders and c.device.type != "cpu":
-        _place(c.vae, torch.device("cpu"))
-    if c.memory.sample_offload and c.device.type != "cpu":
+    images = c.vae.decode(latents.to(c.device, vae_dtype) / c.scaling_factor).sample.float().to(c.host)
+    if c.memory.offload_encoders and c.offloads:
+        _place(c.vae, c.host)
+    if c.memory.sample_offload and c.offloads:
         c.unet.to(c.device)
     return images

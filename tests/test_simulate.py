@@ -1,0 +1,109 @@
+"""simulate.py: the live-bytes counter, CUDA's autocast policy on the CPU key, the bitsandbytes stand-ins, and the
+proof that the same counter on the same stages gives the same peaks on real and on fake tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from imagic_lite import simulate
+from imagic_lite.config import load_preset
+from imagic_lite.simulate import LiveBytes, SimSettings
+
+
+def test_counter_follows_storages_not_views():
+    counter = LiveBytes("cpu")
+    with counter:
+        a = torch.ones(1024)  # 4 KiB
+        view = a[:10]
+        b = a * 2
+        assert counter.now == 8192
+        del b
+        assert counter.now == 4096
+        del a
+        assert counter.now == 4096  # the view keeps the storage alive
+        del view
+    assert counter.now == 0 and counter.peak == 8192
+    assert counter.largest[0] == 4096
+
+
+def test_counter_parts_move_when_retagged():
+    counter = LiveBytes("cpu")
+    with counter:
+        w = torch.zeros(256)
+        counter.retag(w, "weights")
+        g = torch.zeros(512)
+    assert counter.parts["weights"] == 1024 and counter.parts["activations"] == 2048
+    del g
+    assert counter.parts["activations"] == 0 and counter.peak_parts["activations"] == 2048
+
+
+def test_cuda_autocast_policy_runs_norms_in_fp32_only_while_open():
+    x = torch.randn(1, 32, 4, 4, dtype=torch.bfloat16)
+    gn = torch.nn.GroupNorm(8, 32)
+    lin = torch.nn.Linear(4, 4)
+    with simulate.cuda_autocast_policy(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gn(x).dtype == torch.float32  # CUDA's autocast lists group_norm as fp32
+        assert torch.softmax(x, -1).dtype == torch.float32
+        assert lin(x.float()).dtype == torch.bfloat16  # and linear layers as lower precision, like the CPU's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gn(x).dtype == torch.bfloat16  # the CPU's own policy is back
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_stand_in_holds_what_bitsandbytes_stores(kind):
+    from torch import nn
+
+    from imagic_lite.quant import quantize_bnb
+
+    model = nn.Sequential(nn.Linear(320, 640), nn.Linear(640, 77))
+    quantize_bnb(model, kind, torch.bfloat16, torch.device("cpu"))
+    for layer, (rows, cols) in zip(model, ((640, 320), (77, 640)), strict=True):
+        stored = [layer.weight]
+        state = getattr(layer.weight, "quant_state", None)
+        if state is not None:
+            stored += [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+        if kind == "int8":
+            stored.append(layer.weight.SCB)
+        real = sum(t.numel() * t.element_size() for t in stored)
+        layout = (simulate.nf4_bytes if kind == "nf4" else simulate.int8_bytes)(rows, cols)
+        stand_in = sum(torch.empty(shape, dtype=dtype).nbytes for shape, dtype in layout.values())
+        assert stand_in == real
+
+
+def test_real_and_fake_tensors_give_the_same_peaks(tiny_sd):
+    """The proof: the same stages (fp8 base, checkpointing, 8-bit AdamW, tiled VAE) and the same counter, once on
+    real CPU tensors, once on fake ones; every stage's peak within 1 % and the same FLOPs."""
+    settings = SimSettings(embed_steps=1, tune_steps=1, sample_steps=1)
+    preset = load_preset("4gb")
+    real = simulate.measure_real(str(tiny_sd), preset, 32, settings)
+    fake = simulate.simulate_preset(str(tiny_sd), preset, 32, settings, host="cpu")
+    for stage in simulate.STAGES:
+        r, f = real["stages"][stage], fake["stages"][stage]
+        assert f["peak_allocated_bytes"] == pytest.approx(r["peak_allocated_bytes"], rel=0.01), stage
+        assert f["flops"] == r["flops"] > 0, stage
+    b = fake["stages"]["B"]["parts_at_peak"]
+    assert b["weights"] > 0 and b["trainable"] > 0  # one B step: its optimizer state comes after the peak
+
+
+def test_bench_simulate_json_contract(tiny_sd, tmp_path, capsys, monkeypatch):
+    from imagic_lite.cli import main
+
+    monkeypatch.setattr(simulate, "SimSettings", lambda: SimSettings(embed_steps=1, tune_steps=1))  # time
+
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--simulate", "--model", str(tiny_sd), "--presets", "8gb", "--resolution", "32",
+              "--out", str(tmp_path), "--json"])
+    assert done.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    stages = result["presets"]["8gb"]["stages"]
+    assert set(stages) == set(simulate.STAGES)
+    for rec in stages.values():
+        assert isinstance(rec["peak_allocated_bytes"], int) and rec["peak_allocated_bytes"] > 0
+        assert sum(rec["parts_at_peak"].values()) == rec["peak_allocated_bytes"]
+    verdict = result["presets"]["8gb"]["verdict"]
+    assert verdict["peak_allocated_bytes"] == max(r["peak_allocated_bytes"] for r in stages.values())
+    assert verdict["projected_s"]["T4"]["total"] >= verdict["projected_s"]["H100"]["total"]
+    assert list(tmp_path.glob("sim-*.json"))
