@@ -203,12 +203,18 @@ def clip_judge(path: str, prompt: str, device: torch.device) -> tuple[Judge, str
     def judge(samples: list[Sample]) -> list[dict[str, float]]:
         inputs = processor(text=[prompt], images=[s.image for s in samples], return_tensors="pt", padding=True,
                            truncation=True).to(device)
-        image = torch.nn.functional.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
-        text = torch.nn.functional.normalize(model.get_text_features(input_ids=inputs["input_ids"],
-                                                                     attention_mask=inputs["attention_mask"]), dim=-1)
+        image = _features(model.get_image_features(pixel_values=inputs["pixel_values"]))
+        text = _features(model.get_text_features(input_ids=inputs["input_ids"],
+                                                 attention_mask=inputs["attention_mask"]))
         return [{"alignment": float(a)} for a in (image @ text.T)[:, 0]]
 
     return judge, f"clip: {folder.name} (CLIP score of the prompt)", 0
+
+
+def _features(out) -> torch.Tensor:
+    """CLIP's projected embedding, unit length: transformers 5 returns it as `pooler_output`, 4.x as a tensor."""
+    features = out if isinstance(out, torch.Tensor) else out.pooler_output
+    return torch.nn.functional.normalize(features, dim=-1)
 
 
 def make_judge(c: Components, e_tgt: Cond, e_opt: Cond, prompt: str, settings: AutoEtaSettings,
