@@ -205,15 +205,12 @@ def download_command(model: str) -> str:
 
 
 def detect_family(path: Path) -> Family:
-    import json
+    from .vram import family_name
 
     try:
-        index = json.loads((path / "model_index.json").read_text())
+        return FAMILIES[family_name(path)]
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}/model_index.json is unreadable: {exc}") from None
-    if "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] is not None:
-        return FAMILIES["sdxl"]
-    return FAMILIES["sd"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,21 +332,6 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def config_fingerprint(path: Path) -> str:
-    """Identity of an architecture: its UNet, VAE and text-encoder configs without the bookkeeping keys (`_name...`,
-    `_diffusers_version`), so every fine-tune of one architecture shares it (memory does not depend on weights)."""
-    import json
-
-    digest = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        config = path / name / "config.json"
-        if config.is_file():
-            data = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
-            data.pop("transformers_version", None)
-            digest.update(name.encode() + json.dumps(data, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
 @contextlib.contextmanager
 def library_chatter(shown: bool) -> Iterator[None]:
     """Silence what diffusers, transformers and bitsandbytes print while loading ("Loading weights" bars, "modules
@@ -403,6 +385,8 @@ def _load_components(model: str, memory: MemorySettings, device: torch.device, e
     if empty:
         with torch.device("meta"):
             unet, vae, encoders, tokenizers, scheduler = _build_random(path, family)
+        from .vram import config_fingerprint
+
         fingerprint = config_fingerprint(path)
     else:
         unet, vae, encoders, tokenizers, scheduler = _load(path, family, dtype)
@@ -542,6 +526,7 @@ def encode(c: Components, pixels: torch.Tensor, prompt: str) -> Encoded:
     """Encode the image once (the cached latent) and the prompts; then move the encoders off the accelerator."""
     if not prompt.strip():
         raise InputError("the prompt is empty; describe the edited image, e.g. \"a dog lying down\"")
+    unet_aside = c.memory.offload_encoders and c.offloads
     for module in (c.vae, *c.text_encoders):
         _place(module, c.device)
     vae_dtype = next(c.vae.parameters()).dtype
@@ -549,7 +534,7 @@ def encode(c: Components, pixels: torch.Tensor, prompt: str) -> Encoded:
     latent = (posterior.mean * c.scaling_factor).float()  # the mean: deterministic, as the paper's fixed x
     e_tgt, truncated = encode_text(c, prompt)
     uncond, _ = encode_text(c, "")
-    if c.memory.offload_encoders and c.offloads:
+    if unet_aside:
         for module in (c.vae, *c.text_encoders):
             _place(module, c.host)
         torch.cuda.empty_cache()
