@@ -84,14 +84,41 @@ def chart(results: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def readme_table(results: list[dict], names: list[str]) -> str:
+    """The README's table: whole-run simulated peak per preset and model (stage in brackets), the smallest card."""
+    head = "| preset | " + " | ".join(f"{r['model'].removeprefix('arch:')} {r['resolution']} px" for r in results)
+    lines = [head + " |", "|---|" + "---|" * len(results)]
+    for name in names:
+        cells = []
+        for r in results:
+            entry = r["presets"].get(name)
+            if entry is None:
+                cells.append("-")
+                continue
+            v = entry["verdict"]
+            card = f"{v['smallest_card_gib']} GB" if v["smallest_card_gib"] else "> 24 GB"
+            cells.append(f"{v['peak_allocated_bytes'] / GiB:.2f} GiB ({v['peak_stage']}) → {card}")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     results = [json.loads(Path(a).read_text()) for a in argv]
+    merged: dict[tuple, dict] = {}  # one model and side may come from several runs (a preset rerun after a change)
+    for r in results:
+        key = (r["model"], r["resolution"])
+        if key in merged:
+            merged[key]["presets"].update(r["presets"])
+        else:
+            merged[key] = json.loads(json.dumps(r))
+    names = list(dict.fromkeys(n for r in merged.values() for n in r["presets"]))
+    print(readme_table(list(merged.values()), names))
     table: dict[str, dict] = {}
     for result in results:
         table.update(table_entries(result))
     write_text_atomic(TABLE, json.dumps(table, sort_keys=True) + "\n")
     print(f"wrote {TABLE} ({len(table)} entries)")
-    chart(results, CHART)
+    chart(list(merged.values()), CHART)
     print(f"wrote {CHART}")
     return 0
 
