@@ -456,58 +456,68 @@ def _simulating(ctx: click.Context, console, name: str, model: str) -> None:
 
 def _bench_simulated(model: str, preset_list: str, resolution: int | None, out: Path, json_out: bool) -> None:
     from . import simulate, vram
+    from .files import write_text_atomic
 
     names = [p.strip() for p in preset_list.split(",") if p.strip()]
     console = _console()
+    path: list[Path] = []
 
-    def said(event: dict) -> None:
+    def said(event: dict) -> None:  # the results file grows preset by preset: a long run killed keeps what it did
+        result = event["result"]
+        path[:] = [vram.write_results(result, out)]
+        write_text_atomic(path[0].with_suffix(".md"), vram.render_table(result))
         if not json_out:
             console.print(f"simulated {event['preset']}: {event['peak_allocated_bytes'] / 2**30:.2f} GiB at the peak "
-                          f"(stage {event['peak_stage']})")
+                          f"(stage {event['peak_stage']}); {path[0]}")
 
     result = simulate.simulate_presets(model, names, resolution, command=" ".join(["imagic-lite", *sys.argv[1:]]),
                                        on_event=said)
-    path = vram.write_results(result, out)
-    from .files import write_text_atomic
-
-    write_text_atomic(path.with_suffix(".md"), vram.render_table(result))
     if json_out:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
         click.echo(vram.render_table(result))
-        click.echo(f"results: {path}")
+        click.echo(f"results: {path[0]}")
 
 
 @cli.command(name="presets", epilog=EXIT_HELP)
 @click.option("--model", default="arch:sd15", show_default=True, help="The model to size the presets for.")
 @click.option("--resolution", type=int, help="Pixels per side (default: the model's native resolution).")
+@click.option("--simulate", is_flag=True, help="Simulate the presets that have no simulation yet for this model "
+              "and size (a minute or more each on a laptop CPU; cached afterwards).")
 @click.option("--json", "json_out", is_flag=True, help="Print as JSON.")
 @click.pass_context
-def presets_command(ctx: click.Context, model: str, resolution: int | None, json_out: bool) -> None:
+def presets_command(ctx: click.Context, model: str, resolution: int | None, simulate: bool, json_out: bool) -> None:
     """The shipped presets, their knobs, and each one's simulated peak GPU memory for MODEL (what --vram uses)."""
     from .config import all_presets
     from .memory import measured_peaks
-    from .vram import card_need, simulate_cached, whole_run
+    from .vram import cached_entry, card_need, simulate_cached, whole_run
 
     console = _console()
     measured = measured_peaks(Path("benchmarks/results"), model)  # CUDA runs only: CPU peak RSS is not VRAM
     rows = []
     for p in sorted(all_presets(), key=lambda p: (p.vram_gb is None, p.vram_gb or 0, p.name)):
-        entry = simulate_cached(model, p, resolution, on_miss=lambda name: _simulating(ctx, console, name, model))
-        run = whole_run(entry)
-        peak = run["peak_allocated_bytes"]
-        rows.append({"name": p.name, "vram_gb": p.vram_gb, "description": p.description,
-                     "memory": p.memory.__dict__, "tune": p.tune.mode, "optimizer": p.tune.optimizer,
-                     "side": entry["side"],
-                     "simulated": {s: r["peak_allocated_bytes"] for s, r in entry["stages"].items()},
-                     "simulated_peak_bytes": peak, "peak_stage": run["peak_stage"], "card_need_bytes": card_need(peak),
-                     "measured_cuda": measured.get(p.name, {})})
+        if simulate:
+            entry = simulate_cached(model, p, resolution, on_miss=lambda n: _simulating(ctx, console, n, model))
+        else:
+            entry = cached_entry(model, p, resolution)
+        row = {"name": p.name, "vram_gb": p.vram_gb, "description": p.description, "memory": p.memory.__dict__,
+               "tune": p.tune.mode, "optimizer": p.tune.optimizer, "measured_cuda": measured.get(p.name, {}),
+               "simulated": None, "simulated_peak_bytes": None, "peak_stage": None, "card_need_bytes": None}
+        if entry is not None:
+            run = whole_run(entry)
+            stages = {s: r["peak_allocated_bytes"] for s, r in entry["stages"].items()}
+            row.update(side=entry["side"], simulated=stages, simulated_peak_bytes=run["peak_allocated_bytes"],
+                       peak_stage=run["peak_stage"],
+                       card_need_bytes=card_need(run["peak_allocated_bytes"]))
+        rows.append(row)
     if json_out:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     from rich.table import Table
 
-    table = Table(title=f"presets: simulated peak GPU memory, {model} at {rows[0]['side']} px",
+    side = next((r["side"] for r in rows if "side" in r), resolution)
+    missing = [r["name"] for r in rows if r["simulated"] is None]
+    table = Table(title=f"presets: simulated peak GPU memory, {model}" + (f" at {side} px" if side else ""),
                   caption="peak = the largest stage peak of a whole run, simulated on fake tensors "
                           "(`imagic-lite bench --simulate`); needs = peak x 1.15 + 0.5 GiB (allocator and CUDA "
                           "context, assumed). --vram picks the fastest preset whose need fits.")
@@ -515,13 +525,17 @@ def presets_command(ctx: click.Context, model: str, resolution: int | None, json
         table.add_column(col, no_wrap=True)
     for r in rows:
         meas = max(r["measured_cuda"].values()) if r["measured_cuda"] else None
+        peak, need = r["simulated_peak_bytes"], r["card_need_bytes"]
         table.add_row(
             r["name"], f"{r['vram_gb']:g} GB" if r["vram_gb"] else "-", r["memory"]["weights"],
             r["memory"]["storage"], "yes" if r["memory"]["checkpointing"] else "no", r["optimizer"],
-            f"{r['simulated_peak_bytes'] / 2**30:.2f} GiB", r["peak_stage"], f"{r['card_need_bytes'] / 2**30:.1f} GiB",
-            f"{meas / 2**30:.2f} GiB" if meas else "-",
+            f"{peak / 2**30:.2f} GiB" if peak else "-", r["peak_stage"] or "-",
+            f"{need / 2**30:.1f} GiB" if need else "-", f"{meas / 2**30:.2f} GiB" if meas else "-",
         )
     _console(stderr=False).print(table)
+    if missing:
+        console.print(f"not simulated yet for this model and size: {', '.join(missing)} (add --simulate; --vram "
+                      "simulates what it needs by itself)")
 
 
 def _sigterm_as_interrupt() -> None:

@@ -595,5 +595,5 @@ def simulate_presets(model: str, names: list[str], resolution: int | None = None
         entry["verdict"] = verdict(entry, preset.for_family(family))
         result["presets"][preset.name] = entry
         if on_event is not None:
-            on_event({"preset": preset.name, **entry["verdict"]})
+            on_event({"preset": preset.name, **entry["verdict"], "result": result})
     return result

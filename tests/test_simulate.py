@@ -147,3 +147,21 @@ def test_cache_is_keyed_by_architecture_side_and_settings(tmp_path, monkeypatch,
     assert len(list((tmp_path / "simulated").glob("*.json"))) == 3
     fingerprint = vram.config_fingerprint(tiny_sd)
     assert fingerprint == vram.config_fingerprint(tiny_sd) and len(fingerprint) == 16
+
+
+def test_presets_reads_the_shipped_simulations_and_starts_none(capsys, monkeypatch):
+    from imagic_lite.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("presets must not simulate without --simulate")
+
+    monkeypatch.setattr("imagic_lite.simulate.simulate_preset", refuse)
+    with pytest.raises(SystemExit) as done:
+        main(["presets", "--json"])
+    assert done.value.code == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    shipped = [r for r in rows.values() if r["simulated_peak_bytes"]]
+    assert shipped, "the package ships simulations for arch:sd15 at 512 px"
+    for r in shipped:
+        assert r["side"] == 512 and r["card_need_bytes"] > r["simulated_peak_bytes"]
+        assert r["simulated_peak_bytes"] == max(r["simulated"].values())
