@@ -27,7 +27,7 @@ from .config import (
 )
 from .errors import ConfigError, Interrupted
 from .imagic import Progress, Sample, StageState, StopFlag, _no_progress, finetune, generate, optimize_embedding
-from .models import DEFAULT_MODEL, Components, Cond, encode, encode_text, load_components, pick_device, resolve_model
+from .models import DEFAULT_MODEL, Components, Cond, encode, encode_uncond, load_components, pick_device, resolve_model
 
 MODEL_RECOMMENDATIONS = "imagic-lite.toml"  # a model folder may ship stage settings that suit it
 
@@ -277,7 +277,7 @@ class Imagic:
             self._applied = bundle
             self._uncond = None
         if getattr(self, "_uncond", None) is None:
-            self._uncond = encode_text(c, "")[0]
+            self._uncond = encode_uncond(c)
         settings = sample or self.preset.sample
         height, width = int(bundle.meta["height"]), int(bundle.meta["width"])
         original = bundle_original_size(bundle.meta)

@@ -57,6 +57,7 @@ def save_checkpoint(path: Path, state: StageState, run_key: str, e_opt: Cond | N
         "params": _flatten(state.params, tensors),
         "optimizer": _flatten(state.optimizer, tensors),
         "generator": _flatten(state.generator, tensors),
+        "scaler": _flatten(state.scaler, tensors),
         "e_opt": None if e_opt is None else _flatten({"embeds": e_opt.embeds, "pooled": e_opt.pooled}, tensors),
     }
     meta = {"format": FORMAT, "run_key": run_key, "state": json.dumps(skeleton)}
@@ -86,6 +87,7 @@ def load_checkpoint(path: Path, run_key: str) -> tuple[StageState, Cond | None]:
         params=_unflatten(skeleton["params"], tensors),
         optimizer=_unflatten(skeleton["optimizer"], tensors),
         generator=_unflatten(skeleton["generator"], tensors),
+        scaler=_unflatten(skeleton.get("scaler") or {}, tensors),  # absent in checkpoints written before fp16 scaling
     )
     e_opt = None
     if skeleton["e_opt"] is not None:

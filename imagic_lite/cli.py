@@ -230,28 +230,15 @@ def _disk_full_says_need(need: int):
 
 def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, resume: bool, thumbnail: bool,
                 quiet: bool, json_out: bool, console, shown: int) -> None:
-    from .bundle import save_bundle
-    from .checkpoint import CHECKPOINT_NAME
     from .imagic import StopFlag
-    from .outputs import write_run_json, write_samples
+    from .outputs import fit_and_write
     from .progress import StageProgress
 
-    checkpoint = out / CHECKPOINT_NAME
-    bundle_path = out / f"{stem}.imagic.safetensors"
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
-        bundle = imagic.fit(image, prompt, seed=seed, progress=progress, stop=stop, checkpoint=checkpoint,
-                            resume=resume, thumbnail=thumbnail)
-        size = save_bundle(bundle_path, bundle, thumbnail=thumbnail)
-        checkpoint.unlink(missing_ok=True)
-        _print_notes(console, imagic.notes[shown:])
-        samples = imagic.generate(progress=progress, stop=stop)
-    params = {"prompt": prompt, "model": imagic.components.model_id, "preset": imagic.preset.name,
-              "seed_fit": seed, "sample_steps": imagic.preset.sample.steps, "guidance": imagic.preset.sample.guidance}
-    files = write_samples(out, stem, samples, params, title=prompt)
-    report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
-              "bundle_bytes": size, "outputs": [str(f) for f in files]}
-    run_json = write_run_json(out, report)
-    _summary(report, [bundle_path, *files, run_json], json_out, quiet)
+        report, files = fit_and_write(imagic, image, prompt, stem, out, seed=seed, resume=resume,
+                                      thumbnail=thumbnail, progress=progress, stop=stop,
+                                      fitted=lambda: _print_notes(console, imagic.notes[shown:]))
+    _summary(report, files, json_out, quiet)
 
 
 def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: bool = False) -> None:
@@ -295,7 +282,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
 
     from .bundle import check_compatible, load_bundle, stored_sample
     from .imagic import StopFlag
-    from .outputs import prepare_out_dir, write_run_json, write_samples
+    from .outputs import edit_params, prepare_out_dir, write_run_json, write_samples
     from .progress import StageProgress
 
     bundle = load_bundle(bundle_path)
@@ -317,8 +304,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
         samples = imagic.generate(bundle, sample=sample, progress=progress, stop=stop)
     prompt = bundle.meta.get("prompt", "")
-    params = {"prompt": prompt, "model": imagic.components.model_id, "bundle": bundle_path.name,
-              "sample_steps": sample.steps, "guidance": sample.guidance}
+    params = edit_params(imagic, prompt, bundle_path.name, sample)
     with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
         files = write_samples(out, stem, samples, params, title=prompt)
         report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
@@ -536,6 +522,114 @@ def presets_command(ctx: click.Context, model: str, resolution: int | None, simu
     if missing:
         console.print(f"not simulated yet for this model and size: {', '.join(missing)} (add --simulate; --vram "
                       "simulates what it needs by itself)")
+
+
+@cli.command(name="batch", epilog=EXIT_HELP + " In `batch`, 0 means every job is done or was already; 2 a bad "
+             "jobs file (one line per bad row, nothing run); 8 some jobs failed (the last line counts them).")
+@click.argument("jobs_file", metavar="JOBS", type=click.Path(path_type=Path))
+@_common_sample_options
+@click.option("--embed-steps", type=int, help="Stage A steps (a job's embed_steps column overrides).")
+@click.option("--tune-steps", type=int, help="Stage B steps (a job's tune_steps column overrides).")
+@click.option("--embed-lr", type=float, help="Stage A learning rate.")
+@click.option("--tune-lr", type=float, help="Stage B learning rate.")
+@click.option("--rank", type=int, help="LoRA rank.")
+@click.option("--mode", type=click.Choice(["lora", "full"]), help="Stage B: LoRA (default) or full fine-tune.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML with [embed]/[tune]/[sample].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for stages A and B of every job.")
+@click.option("--no-thumbnail", is_flag=True, help="Leave the inputs' thumbnails out of the bundles.")
+@click.pass_context
+def batch_command(ctx: click.Context, jobs_file: Path, model: str | None, vram: str | None, preset: str | None,
+                  device: str | None, out: Path | None, overwrite: bool, quiet: bool, json_out: bool,
+                  etas: str | None, seeds: str | None, sample_steps: int | None, guidance: float | None,
+                  batch: int | None, embed_steps: int | None, tune_steps: int | None, embed_lr: float | None,
+                  tune_lr: float | None, rank: int | None, mode: str | None, config_file: Path | None, seed: int,
+                  no_thumbnail: bool) -> None:
+    """Run many (image, prompt) jobs from a CSV or JSON Lines file into --out DIR/<name>/, each as `run` would.
+
+    JOBS has the columns image,prompt and optionally etas, seeds, preset, tune_steps, embed_steps, name. Under
+    `accelerate launch --multi_gpu --num_processes N -m imagic_lite batch ...` the jobs are shared out by index. A
+    rerun skips complete jobs and resumes interrupted ones; --overwrite redoes complete ones too."""
+    from .batch import BatchSettings, process_state, read_jobs, run_batch
+    from .errors import BatchFailed
+    from .imagic import StopFlag
+    from .models import DEFAULT_MODEL
+    from .progress import BatchProgress
+
+    state = process_state()
+    try:
+        if out is None:
+            raise InputError("batch needs --out DIR (each job writes DIR/<name>/, plus DIR/summary.jsonl)")
+        if seed < 0:
+            raise InputError(f"--seed must be >= 0, got {seed}")
+        settings = BatchSettings(
+            model=model or DEFAULT_MODEL, preset=preset, vram=vram, device=device,
+            config_file=str(config_file) if config_file else None, tune_lr=tune_lr, seed=seed,
+            thumbnail=not no_thumbnail, overwrite=overwrite, overrides=_overrides(
+                embed_steps=embed_steps, embed_lr=embed_lr, tune_steps=tune_steps, rank=rank, mode=mode,
+                sample_steps=sample_steps, guidance=guidance, etas=_numbers(etas, "--etas"),
+                seeds=_numbers(seeds, "--seeds", int), batch=batch))
+        jobs = read_jobs(jobs_file, settings)
+        _quiet_libraries(ctx.obj["debug"])
+        show = state.is_main_process and not (quiet or json_out)
+        with StopFlag().installed() as stop, BatchProgress(_console(), enabled=show) as progress:
+            lines = run_batch(jobs, out, settings, state=state, stop=stop, events=progress)
+    except ImagicError as exc:
+        if not state.is_main_process:  # the main process says it once
+            sys.exit(exc.exit_code)
+        raise
+    if not state.is_main_process:
+        return
+    counts = {s: sum(line["status"] == s for line in lines) for s in ("done", "skipped", "failed")}
+    if json_out:
+        click.echo(json.dumps({"jobs": lines, **counts, "total": len(lines), "summary": str(out / "summary.jsonl")},
+                              indent=2, default=str))
+    else:
+        for line in lines:
+            if line["status"] == "failed":
+                click.echo(f"failed: {line['name']} (exit {line['exit_code']}): {line['error']}")
+    last = (f"{counts['failed']} of {len(lines)} jobs failed ({counts['done']} done, {counts['skipped']} skipped "
+            f"as complete); see {out / 'summary.jsonl'}")
+    if counts["failed"]:
+        raise BatchFailed(last)
+    click.echo(f"batch: {counts['done']} done, {counts['skipped']} skipped as complete, 0 failed of {len(lines)} "
+               f"jobs; summary: {out / 'summary.jsonl'}", err=json_out)
+
+
+@cli.command(epilog=EXIT_HELP)
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to serve on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 lets other machines on your network use the page (and your GPU).")
+@click.option("--model", help="Model the page starts with: hub id, local diffusers folder, or `shapes`.")
+@click.option("--vram", help="GB of GPU memory to plan for, or auto (the page can change it).")
+@click.option("--device", help="Torch device, e.g. cuda:1 or cpu (default: cuda if present).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("imagic-out"), show_default=True,
+              help="Folder for uploads and outputs (one subfolder per run).")
+@click.option("--share", is_flag=True, help="Also open a public gradio.live link: anyone with it can use the page.")
+@click.pass_context
+def ui(ctx: click.Context, port: int, host: str, model: str | None, vram: str | None, device: str | None,
+       out: Path, share: bool) -> None:
+    """A local web page: drop a photo, type the edit, then slide eta (needs pip install 'imagic-lite[ui]')."""
+    import time
+
+    from .ui import UISettings, require_gradio, start
+
+    require_gradio()
+    from .models import DEFAULT_MODEL
+
+    demo = start(UISettings(model=model or DEFAULT_MODEL, vram=vram, out=out, host=host, port=port, share=share,
+                            device=device))
+    _quiet_libraries(ctx.obj["debug"])  # after the page is up: importing diffusers takes seconds
+    console = _console()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {host}: other machines can reach the page and use this GPU")
+    console.print(f"imagic-lite ui: [bold]http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/[/]"
+                  f"{f'  public: {demo.share_url}' if demo.share_url else ''}  files: {out}  (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        demo.close()
+        console.print("stopped")
 
 
 def _sigterm_as_interrupt() -> None:

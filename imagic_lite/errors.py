@@ -67,6 +67,12 @@ class DiskFull(OutputError):
         self.message, self.folder = message, folder
 
 
+class BatchFailed(ImagicError):
+    """`batch` ran every job it could, and some failed (summary.jsonl says which and why)."""
+
+    exit_code = 8
+
+
 class Interrupted(ImagicError):
     """Ctrl-C or SIGTERM; a resumable checkpoint may have been written."""
 
@@ -90,5 +96,6 @@ EXIT_CODES = {
     5: "training diverged (non-finite loss)",
     6: "bad or mismatched bundle",
     7: "output not writable or already exists",
+    8: "batch: some jobs failed (the last line counts them; DIR/summary.jsonl says why)",
     130: "interrupted (Ctrl-C / SIGTERM)",
 }

@@ -10,7 +10,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ class StageState:
     params: dict[str, torch.Tensor]  # e_opt (A) or trainable weights (B)
     optimizer: dict[str, Any]
     generator: torch.Tensor  # CPU generator state
+    scaler: dict[str, Any] = field(default_factory=dict)  # GradScaler state (fp16); empty when not scaling
 
 
 class StopFlag:
@@ -114,8 +115,9 @@ def _oom_guard(stage: str, c: Components) -> Iterator[None]:
 
 
 def _scaler(c: Components) -> torch.amp.GradScaler:
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it.
-    return torch.amp.GradScaler(c.device.type, enabled=c.dtype == torch.float16 and c.device.type == "cuda")
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it. On every device (CPU too), so
+    # the scaled path, its skipped steps and its resume are the same code wherever they run.
+    return torch.amp.GradScaler(c.device.type, enabled=c.dtype == torch.float16)
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], lr: float, kind: str, weight_decay: float):
@@ -139,13 +141,15 @@ def _train_loop(stage: str, c: Components, params: dict[str, torch.nn.Parameter]
         generator.set_state(resume.generator)
         start = resume.step
     scaler = _scaler(c)
+    if resume is not None and resume.scaler and scaler.is_enabled():
+        scaler.load_state_dict(resume.scaler)  # the loss scale and its growth counter: without them no exact resume
     losses: list[float] = []
     with _oom_guard(stage, c):
         for step in range(start, steps):
             if stop is not None and stop.is_set():
                 state = {k: v.detach().cpu().clone() for k, v in params.items()}
                 raise Interrupted.with_state(StageState(stage, step, state, optimizer.state_dict(),
-                                                        generator.get_state()))
+                                                        generator.get_state(), scaler.state_dict()))
             loss = loss_fn()
             _check_finite(loss, stage, step, c)
             scaler.scale(loss).backward()

@@ -5,6 +5,7 @@ Key names are PEFT's (`down_blocks.0....to_q.lora_A.weight`), the layout diffuse
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ def add_lora(unet: nn.Module, config: dict[str, Any], seed: int = 0) -> list[nn.
     """Add a LoRA adapter and return its parameters, in fp32 whatever the base dtype.
 
     A is Kaiming-uniform from a seeded generator and B is zero, so the adapter starts as the identity and a run
-    is reproducible."""
+    is reproducible. Over a half-precision or fp8 base A is drawn in fp32 after the upcast, not rounded to the
+    base's dtype."""
     from peft import LoraConfig
 
     with torch.random.fork_rng(devices=[]):
@@ -33,10 +35,18 @@ def add_lora(unet: nn.Module, config: dict[str, Any], seed: int = 0) -> list[nn.
             LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=list(config["target_modules"])),
             adapter_name=ADAPTER,
         )
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
+    named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in named:
+        rounded = p.dtype != torch.float32  # PEFT initialised it in fp32, then cast it to the base's fp16/bf16/fp8
         p.data = p.data.float()  # trainables stay fp32 even over an fp16/fp8/NF4 base
-    return params
+        if rounded and ".lora_A." in name:
+            # Over fp8 the cast left 60 distinct values of 256: draw A again after the upcast, as PEFT draws it
+            # (Kaiming-uniform, a = sqrt(5)), on the CPU so the values do not depend on the device.
+            weight = torch.empty(p.shape)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+            p.data = weight.to(p.device)
+    return [p for _, p in named]
 
 
 def has_lora(unet: nn.Module) -> bool:

@@ -56,11 +56,12 @@ class Family:
     text_encoders: int  # SDXL concatenates two encoders' penultimate layers
     pooled: bool  # SDXL feeds the second encoder's pooled output to the UNet
     vae_fp16_unsafe: bool  # the stock SDXL VAE overflows in fp16: decode it in fp32 (bf16 is fine)
+    zero_uncond: bool = False  # the pipeline honours model_index.json's force_zeros_for_empty_prompt (default on)
 
 
 FAMILIES = {
     "sd": Family("sd", text_encoders=1, pooled=False, vae_fp16_unsafe=False),
-    "sdxl": Family("sdxl", text_encoders=2, pooled=True, vae_fp16_unsafe=True),
+    "sdxl": Family("sdxl", text_encoders=2, pooled=True, vae_fp16_unsafe=True, zero_uncond=True),
 }
 
 
@@ -83,6 +84,7 @@ class Components:
     pristine: dict[str, torch.Tensor] | None = None  # CPU copy of the base UNet, kept before a full fine-tune
     unet_changed: bool = False  # the base weights differ from `pristine` (see pristine.py)
     host: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where offloaded modules wait
+    zero_uncond: bool = False  # the unconditional embedding is zeros, not the empty prompt's (SDXL; see encode_uncond)
 
     @property
     def offloads(self) -> bool:
@@ -204,13 +206,19 @@ def download_command(model: str) -> str:
             f"snapshot_download('{model}', allow_patterns={list(HUB_PATTERNS)})\"")
 
 
-def detect_family(path: Path) -> Family:
-    from .vram import family_name
+def model_index(path: Path) -> dict:
+    import json
 
     try:
-        return FAMILIES[family_name(path)]
+        return json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}/model_index.json is unreadable: {exc}") from None
+
+
+def detect_family(path: Path) -> Family:
+    from .vram import family_of_index
+
+    return FAMILIES[family_of_index(model_index(path))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,8 +232,9 @@ def compute_dtype(weights: str, device: torch.device) -> torch.dtype:
         return torch.float16
     if weights == "bf16":
         return torch.bfloat16
-    # "half": bf16 where supported (no loss scaling needed), else fp16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # "half": bf16 where the card computes it natively (no loss scaling needed), else fp16 + loss scaling.
+    # torch.cuda.is_bf16_supported() counts emulation (a T4 says True) and asks the current device, not `device`.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return torch.float16
     return torch.bfloat16
 
@@ -408,9 +417,11 @@ def _load_components(model: str, memory: MemorySettings, device: torch.device, e
     vae_dtype = torch.float32 if (family.vae_fp16_unsafe and dtype == torch.float16) else dtype
     if vae_dtype != dtype:
         notes.append("VAE kept in fp32: the stock SDXL VAE overflows in fp16")
-    cast_frozen(vae, vae_dtype)
+    # The VAE and text encoders run outside autocast, where CUDA's norm kernels take one dtype for input and
+    # weight: each holds a single dtype, whole (cast_frozen's fp32 norms are for the UNet, which autocast feeds).
+    vae.to(vae_dtype)
     for encoder in encoders:
-        cast_frozen(encoder, dtype)
+        encoder.to(dtype)
     if memory.vae_slicing:
         vae.enable_slicing()
     if memory.vae_tiling:
@@ -426,6 +437,7 @@ def _load_components(model: str, memory: MemorySettings, device: torch.device, e
     return Components(
         family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, scheduler=scheduler,
         device=device, dtype=dtype, model_id=model, fingerprint=fingerprint, memory=memory, notes=notes,
+        zero_uncond=family.zero_uncond and bool(model_index(path).get("force_zeros_for_empty_prompt", True)),
     )
 
 
@@ -465,6 +477,15 @@ def _place(module: nn.Module, device: torch.device) -> None:
 def encode_text(c: Components, prompt: str) -> tuple[Cond, str]:
     """Encode one prompt; return the conditioning and the words that did not fit the token limit."""
     return ENCODERS[c.family.name](c, prompt)
+
+
+def encode_uncond(c: Components) -> Cond:
+    """The unconditional side of classifier-free guidance: the empty prompt's encoding, or zeros (sequence and
+    pooled) where the model says force_zeros_for_empty_prompt, as diffusers' SDXL pipeline does."""
+    cond, _ = encode_text(c, "")
+    if not c.zero_uncond:
+        return cond
+    return Cond(torch.zeros_like(cond.embeds), None if cond.pooled is None else torch.zeros_like(cond.pooled))
 
 
 def _truncated_words(tokenizer, prompt: str) -> str:
@@ -538,7 +559,7 @@ def encode(c: Components, pixels: torch.Tensor, prompt: str) -> Encoded:
     posterior = c.vae.encode(pixels.to(c.device, vae_dtype)).latent_dist
     latent = (posterior.mean * c.scaling_factor).float()  # the mean: deterministic, as the paper's fixed x
     e_tgt, truncated = encode_text(c, prompt)
-    uncond, _ = encode_text(c, "")
+    uncond = encode_uncond(c)
     if unet_aside:
         for module in (c.vae, *c.text_encoders):
             _place(module, c.host)

@@ -57,21 +57,47 @@ def sample_name(stem: str, eta: float, seed: int) -> str:
 
 def write_samples(out: Path, stem: str, samples: list, params: dict[str, Any], title: str) -> list[Path]:
     """One PNG per sample carrying its parameters, and a seeds x etas grid whose name contains `grid`."""
+    paths = [write_sample(out, stem, s, params) for s in samples]
+    return [*paths, write_grid(out, stem, samples, params, title)]
+
+
+def write_sample(out: Path, stem: str, sample, params: dict[str, Any]) -> Path:
+    """One image with `params` plus its eta and seed in PNG text chunks."""
+    from .images import save_png
+
+    path = out / sample_name(stem, sample.eta, sample.seed)
+    save_png(path, sample.image, {**params, "eta": sample.eta, "seed": sample.seed})
+    return path
+
+
+def write_grid(out: Path, stem: str, samples: list, params: dict[str, Any], title: str) -> Path:
+    """The seeds x etas grid; a (seed, eta) not sampled (the web page samples one at a time) stays white."""
+    from PIL import Image
+
     from .images import make_grid, save_png
 
-    paths = []
-    for s in samples:
-        path = out / sample_name(stem, s.eta, s.seed)
-        save_png(path, s.image, {**params, "eta": s.eta, "seed": s.seed})
-        paths.append(path)
     etas = sorted({s.eta for s in samples})
     seeds = sorted({s.seed for s in samples})
     by_key = {(s.seed, s.eta): s.image for s in samples}
-    rows = [[by_key[(seed, eta)] for eta in etas] for seed in seeds]
+    blank = Image.new("RGB", samples[0].image.size, "white")
+    rows = [[by_key.get((seed, eta), blank) for eta in etas] for seed in seeds]
     grid = make_grid(rows, [f"seed {s}" for s in seeds], [f"eta {e:g}" for e in etas], title=title)
-    grid_path = out / f"{stem}_grid.png"
-    save_png(grid_path, grid, params)
-    return [*paths, grid_path]
+    path = out / f"{stem}_grid.png"
+    save_png(path, grid, params)
+    return path
+
+
+def run_params(imagic, prompt: str, seed_fit: int) -> dict[str, Any]:
+    """The parameters `run` writes into every PNG (eta and seed are added per image)."""
+    p = imagic.preset
+    return {"prompt": prompt, "model": imagic.components.model_id, "preset": p.name, "seed_fit": seed_fit,
+            "sample_steps": p.sample.steps, "guidance": p.sample.guidance}
+
+
+def edit_params(imagic, prompt: str, bundle_name: str, sample) -> dict[str, Any]:
+    """The parameters `edit` writes into every PNG (eta and seed are added per image)."""
+    return {"prompt": prompt, "model": imagic.components.model_id, "bundle": bundle_name,
+            "sample_steps": sample.steps, "guidance": sample.guidance}
 
 
 def write_run_json(out: Path, report: dict[str, Any]) -> Path:
@@ -81,3 +107,27 @@ def write_run_json(out: Path, report: dict[str, Any]) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def fit_and_write(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, resume: bool, thumbnail: bool,
+                  progress, stop, fitted=None) -> tuple[dict[str, Any], list[Path]]:
+    """What `run` and each `batch` job do once the model is loaded: stages A and B (from the checkpoint in `out`
+    with `resume`), the bundle, stage C, the PNGs and run.json last (so run.json marks a complete result).
+    `fitted` is called between the bundle and stage C (the CLI prints the fit's notes there)."""
+    from .bundle import save_bundle
+    from .checkpoint import CHECKPOINT_NAME
+
+    checkpoint = out / CHECKPOINT_NAME
+    bundle_path = out / f"{stem}.imagic.safetensors"
+    bundle = imagic.fit(image, prompt, seed=seed, progress=progress, stop=stop, checkpoint=checkpoint,
+                        resume=resume, thumbnail=thumbnail)
+    size = save_bundle(bundle_path, bundle, thumbnail=thumbnail)
+    checkpoint.unlink(missing_ok=True)
+    if fitted is not None:
+        fitted()
+    samples = imagic.generate(progress=progress, stop=stop)
+    files = write_samples(out, stem, samples, run_params(imagic, prompt, seed), title=prompt)
+    report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
+              "bundle_bytes": size, "outputs": [str(f) for f in files]}
+    run_json = write_run_json(out, report)
+    return report, [bundle_path, *files, run_json]

@@ -142,8 +142,10 @@ NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast weights to `dtype` but keep normalisation layers in fp32: autocast runs norms in fp32 and the
-    CPU kernels refuse fp32 input with half-precision norm weights; the norms are a negligible share of bytes."""
+    """Cast weights to `dtype` but keep normalisation layers in fp32, for a module that only runs under autocast
+    (the UNet): autocast runs norms in fp32 and the CPU kernels refuse fp32 input with half-precision norm weights;
+    the norms are a negligible share of bytes. Outside autocast CUDA's norms refuse the mix: cast those modules
+    whole."""
     model.to(dtype)
     if dtype != torch.float32:
         for module in model.modules():

@@ -37,10 +37,13 @@ def model_path(model: str) -> Path:
     return resolve_model(model)
 
 
-def family_name(path: Path) -> str:
-    """'sdxl' when the pipeline has a second text encoder, else 'sd' (the rule models.detect_family applies)."""
-    index = json.loads((path / "model_index.json").read_text())
+def family_of_index(index: dict) -> str:
+    """'sdxl' when the pipeline (its model_index.json) has a second text encoder, else 'sd'."""
     return "sdxl" if index.get("text_encoder_2", [None])[0] is not None else "sd"
+
+
+def family_name(path: Path) -> str:
+    return family_of_index(json.loads((path / "model_index.json").read_text()))
 
 
 def config_fingerprint(path: Path) -> str:

@@ -30,6 +30,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_models_16(tmp_path_factory) -> dict[str, Path]:
+    """The same three pipelines at a 16 px native size, for the runs under tests/cuda_rules.py: half-precision
+    convolutions on a CPU without native bf16/fp16 run 5-20x slower than fp32, so every pixel counts."""
+    from tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-models-16")
+    return {kind: build_tiny_pipeline(root / kind, kind, sample_size=8) for kind in ("sd", "sd-v", "sdxl")}
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tiny_models) -> Path:
     return tiny_models["sd"]
 

@@ -47,6 +47,7 @@ def _check_second_fit(reused: Imagic, path, reference, reference_model: Imagic) 
     assert dtypes == {n: p.dtype for n, p in reference_model.components.unet.named_parameters()}
 
 
+@pytest.mark.slow  # the default suite covers it too: test_batch's resumed job b equals b fitted second in a batch
 def test_second_lora_fit_equals_a_fit_on_a_fresh_model(tiny_sd, photo, fresh_lora):
     path, reference, pixels, reference_model = fresh_lora
     reused = Imagic.from_pretrained(str(tiny_sd), "cpu", overrides=LORA)

@@ -30,8 +30,8 @@ def _text_config(hidden: int = 32, projection: int | None = None):
     )
 
 
-def build_tiny_pipeline(path: Path, kind: str = "sd", seed: int = 0) -> Path:
-    """Write a tiny pipeline of `kind` to `path` (native resolution 64 px) and return `path`."""
+def build_tiny_pipeline(path: Path, kind: str = "sd", seed: int = 0, sample_size: int = 32) -> Path:
+    """Write a tiny pipeline of `kind` to `path` (native resolution 2 x `sample_size` px) and return `path`."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -50,12 +50,12 @@ def build_tiny_pipeline(path: Path, kind: str = "sd", seed: int = 0) -> Path:
         if sdxl else {"cross_attention_dim": 32}
     )
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=2, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=32, **unet_extra,
+        norm_num_groups=32, sample_size=sample_size, **unet_extra,
     )
     vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, sample_size=2 * sample_size,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], norm_num_groups=32,
     )

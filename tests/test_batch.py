@@ -1,0 +1,194 @@
+"""`imagic-lite batch` (issue 19): the jobs file checked before any work, a 6-job batch with one missing image and
+one empty prompt, rerun = skip, an interrupted job resumed to the same pixels, and (slow) the same batch under two
+gloo processes giving the same statuses and byte-identical images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from imagic_lite.batch import BatchSettings, Job, read_jobs
+from imagic_lite.cli import main
+from imagic_lite.errors import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS = ["--preset", "cpu", "--embed-steps", "2", "--tune-steps", "2", "--sample-steps", "2", "--etas", "0.7",
+         "--seeds", "0"]
+STATUSES = {"a": "done", "b": "done", "c": "failed", "d": "failed", "e": "done", "f": "done"}
+
+
+def _jobs_folder(folder: Path) -> Path:
+    """Four photos and a 6-job CSV: c's image is missing, d's prompt is blank, f reuses a's photo."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    for i, colour in enumerate(colours):
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        ImageDraw.Draw(image).ellipse((8 + 4 * i, 12, 52, 52), fill=colour)
+        image.save(folder / f"p{i}.png")
+    (folder / "jobs.csv").write_text(
+        "image,prompt,name,tune_steps\n"
+        "p0.png,a red square,a,\n"
+        "p1.png,a green disc,b,3\n"
+        "missing.png,a cat,c,\n"
+        "p2.png,   ,d,\n"
+        "p3.png,a yellow disc,e,\n"
+        "p0.png,a blue disc,f,\n")
+    return folder / "jobs.csv"
+
+
+def _batch(args: list[str]) -> int:
+    try:
+        main(["batch", *args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _summary(out: Path) -> dict[str, dict]:
+    return {line["name"]: line for line in map(json.loads, (out / "summary.jsonl").read_text().splitlines())}
+
+
+def _images(out: Path, name: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / name).glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def single(tiny_sd, tmp_path_factory):
+    """The 6-job batch, one process, in this process."""
+    jobs = _jobs_folder(tmp_path_factory.mktemp("jobs"))
+    out = jobs.parent / "out"
+    started = time.perf_counter()
+    code = _batch([str(jobs), "--out", str(out), "--model", str(tiny_sd), *FLAGS])
+    return jobs, out, code, time.perf_counter() - started
+
+
+def test_jobs_file_problems_are_one_line_per_row_before_any_work(tmp_path):
+    settings = BatchSettings(model="shapes")
+    (tmp_path / "bad.csv").write_text("image,prompt,colour\nx.png,a cat,red\n")
+    with pytest.raises(InputError, match="row 1: unknown column.*'colour'"):
+        read_jobs(tmp_path / "bad.csv", settings)
+    (tmp_path / "bad2.csv").write_text(
+        "image,prompt,etas,seeds,tune_steps,name,preset\n"
+        "x.png,a,0.5;0.6,,,,\n"        # row 2: etas
+        "x.png,a,,-1,0,,\n"            # row 3: seeds, tune_steps
+        "x.png,a,,,,../up,\n"          # row 4: name
+        "x.png,a,,,,a,no-such\n"       # row 5: preset
+        "x.png,a,,,,a,\n"              # row 6: duplicate of... row 5 was bad, so this is the first 'a'
+        "y.png,b,,,,a,\n")             # row 7: duplicate name
+    with pytest.raises(InputError) as caught:
+        read_jobs(tmp_path / "bad2.csv", settings)
+    lines = str(caught.value).splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in lines] == ["row 2", "row 3", "row 3", "row 4", "row 5", "row 7"]
+    assert "unknown preset 'no-such'" in lines[4] and "earlier row" in lines[5]
+
+    (tmp_path / "jobs.jsonl").write_text(
+        '{"image": "sub/a.png", "prompt": "a cat", "etas": [0.6, 0.7], "seeds": "0,1"}\n\n'
+        '{"image": "/abs/a.png", "prompt": "a dog", "tune_steps": 5}\n'
+        '{"image": "b.png", "prompt": "x", "name": "a"}\n')
+    jobs = read_jobs(tmp_path / "jobs.jsonl", settings)
+    assert [j.name for j in jobs] == ["a-1", "a-2", "a"]  # a repeated stem (or a taken name) gets the job number
+    assert jobs[0] == Job(0, 1, "a-1", tmp_path / "sub/a.png", "a cat", etas=(0.6, 0.7), seeds=(0, 1))
+    assert jobs[1].image == Path("/abs/a.png") and jobs[1].overrides({"tune": {"rank": 8}}) == \
+        {"tune": {"rank": 8, "steps": 5}}
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n[1]\n{"image": "a.png", "prompt": "b", "x": 1}\n')
+    with pytest.raises(InputError, match=r"(?s)row 1: missing prompt.*row 2: not a JSON object.*row 3: unknown key"):
+        read_jobs(tmp_path / "bad.jsonl", settings)
+
+
+def test_batch_records_failures_and_writes_what_run_writes(single, capsys):
+    jobs, out, code, _ = single
+    assert code == 8  # some jobs failed: documented exit code
+    summary = _summary(out)
+    assert {name: line["status"] for name, line in summary.items()} == STATUSES
+    assert "not found" in summary["c"]["error"] and summary["c"]["exit_code"] == 2
+    assert "prompt is empty" in summary["d"]["error"]
+    assert (out / "summary.csv").read_text().splitlines()[0].startswith("index,name,status")
+    for name in ("a", "b", "e", "f"):
+        stem = "p0" if name in "af" else {"b": "p1", "e": "p3"}[name]
+        assert sorted(p.name for p in (out / name).iterdir()) == sorted(
+            [f"{stem}.imagic.safetensors", f"{stem}_eta0.70_seed0.png", f"{stem}_grid.png", "run.json"])
+    report = json.loads((out / "b" / "run.json").read_text())
+    assert report["preset"]["tune"]["steps"] == 3 and report["preset"]["embed"]["steps"] == 2  # job column wins
+    assert not (out / "c").exists() and not list(out.glob("**/*.tmp"))
+
+
+def test_rerun_skips_complete_jobs_without_loading_the_model(single, monkeypatch):
+    from imagic_lite.api import Imagic
+
+    jobs, out, _, first = single
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a rerun of finished jobs loaded the model")
+
+    monkeypatch.setattr(Imagic, "from_pretrained", no_load)
+    started = time.perf_counter()
+    code = _batch([str(jobs), "--out", str(out), "--model", "unused-not-a-model", *FLAGS, "--quiet"])
+    took = time.perf_counter() - started
+    summary = _summary(out)
+    assert code == 8 and {n: line["status"] for n, line in summary.items()} == {
+        **STATUSES, "a": "skipped", "b": "skipped", "e": "skipped", "f": "skipped"}
+    assert took < max(5.0, first / 4), (took, first)
+
+
+def test_a_job_stopped_mid_stage_resumes_to_the_same_pixels(single, tiny_sd, tmp_path):
+    from imagic_lite.batch import process_state, run_batch
+    from imagic_lite.cli import _overrides
+    from imagic_lite.errors import Interrupted
+    from imagic_lite.imagic import StopFlag
+
+    jobs, reference, _, _ = single
+    only_b = tmp_path / "b.csv"
+    only_b.write_text(f"image,prompt,name,tune_steps\n{jobs.parent / 'p1.png'},a green disc,b,3\n")
+    settings = BatchSettings(model=str(tiny_sd), preset="cpu", overrides=_overrides(
+        embed_steps=2, tune_steps=2, sample_steps=2, etas=(0.7,), seeds=(0,)))
+    stop = StopFlag()
+
+    def events(event):
+        if event["kind"] == "stage" and event["stage"] == "B" and event["step"] == 1:
+            stop.set()
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted, match="stopped in stage B at step 1"):
+        run_batch(read_jobs(only_b, settings), out, settings, state=process_state(), stop=stop, events=events)
+    assert (out / "b" / "checkpoint.imagic-resume.safetensors").is_file()
+    assert not (out / "b" / "run.json").exists() and not list(out.glob("**/*.tmp"))
+    code = _batch([str(only_b), "--out", str(out), "--model", str(tiny_sd), *FLAGS, "--quiet"])
+    assert code == 0
+    assert "resuming stage B at step 1" in json.loads((out / "b" / "run.json").read_text())["notes"]
+    assert _images(out, "b") == _images(reference, "b")
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_and_run(single, tiny_sd, tmp_path):
+    """torchrun --nproc_per_node 2 (what `accelerate launch --multi_gpu --num_processes 2` starts here, FIELD-NOTES
+    §5): same statuses, byte-identical images, every job in exactly one process; and `run` gives the same pixels."""
+    jobs, reference, _, _ = single
+    out = tmp_path / "out2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "imagic_lite", "batch", str(jobs), "--out",
+                           str(out), "--model", str(tiny_sd), *FLAGS, "--quiet"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode != 0 and "2 of 6 jobs failed" in done.stderr, done.stderr[-2000:]
+    summary = _summary(out)
+    assert {n: line["status"] for n, line in summary.items()} == STATUSES
+    assert {n: line["process"] for n, line in summary.items()} == {"a": 0, "b": 1, "c": 0, "d": 1, "e": 0, "f": 1}
+    per_rank = [[json.loads(x)["name"] for x in (out / ".batch" / f"rank-{r}.jsonl").read_text().splitlines()]
+                for r in (0, 1)]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(STATUSES) and not set(per_rank[0]) & set(per_rank[1])
+    for name in ("a", "b", "e", "f"):
+        assert _images(out, name) == _images(reference, name)
+
+    run_out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "imagic_lite", "run", str(jobs.parent / "p3.png"), "a yellow disc",
+                           "--out", str(run_out), "--model", str(tiny_sd), *FLAGS, "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in run_out.glob("*.png")} == _images(reference, "e")
