@@ -26,7 +26,17 @@ from .config import (
     read_toml,
 )
 from .errors import ConfigError, Interrupted
-from .imagic import Progress, Sample, StageState, StopFlag, _no_progress, finetune, generate, optimize_embedding
+from .imagic import (
+    Progress,
+    Sample,
+    StageState,
+    StopFlag,
+    _no_progress,
+    finetune,
+    fixed_loss,
+    generate,
+    optimize_embedding,
+)
 from .models import DEFAULT_MODEL, Components, Cond, encode, encode_uncond, load_components, pick_device, resolve_model
 
 MODEL_RECOMMENDATIONS = "imagic-lite.toml"  # a model folder may ship stage settings that suit it
@@ -138,6 +148,8 @@ class StageRecord:
     peak: dict[str, Any]
     loss_first: float | None = None  # mean over the stage's first tenth of steps (see _ends)
     loss_last: float | None = None  # mean over its last tenth
+    loss_before: float | None = None  # at fixed (timestep, noise) draws before the stage (imagic.fixed_loss)
+    loss_after: float | None = None  # the same draws after it: a comparison that means something
 
 
 def run_key(pixels: torch.Tensor, prompt: str, fingerprint: str, preset: Preset, seed: int,
@@ -232,17 +244,26 @@ class Imagic:
                     exc.args = (f"{exc.args[0]}; saved {checkpoint.name}, continue with --resume",)
                 raise
 
+        def fixed(cond: Cond) -> float:
+            return fixed_loss(c, encoded.latent, cond, original)
+
         losses_a: list[float] = []
         if state is None or state.stage == "A":
             e_opt, losses_a = self._stage("A", p.embed.steps, lambda: guarded(lambda: optimize_embedding(
                 c, encoded.latent, encoded.e_tgt, p.embed, seed=seed, progress=progress, stop=stop,
                 resume=state, original=original), None))
             state = None
+            self.records[-1].loss_before = fixed(encoded.e_tgt)
         self.records[-1].loss_first, self.records[-1].loss_last = _ends(losses_a)
+        loss_b_before = fixed(e_opt)  # the frozen UNet with e_opt: also stage A's "after"
+        if self.records[-1].stage == "A":
+            self.records[-1].loss_after = loss_b_before
         weights, losses_b = self._stage("B", p.tune.steps, lambda: guarded(lambda: finetune(
             c, encoded.latent, e_opt, p.tune, seed=seed, progress=progress, stop=stop, resume=state,
             original=original), e_opt))
-        self.records[-1].loss_first, self.records[-1].loss_last = _ends(losses_b)
+        record_b = self.records[-1]
+        record_b.loss_first, record_b.loss_last = _ends(losses_b)
+        record_b.loss_before = loss_b_before
 
         from .lora import lora_config
 
@@ -259,6 +280,7 @@ class Imagic:
                         thumbnail=fitted if thumbnail else None)
         bundle = _rounded(bundle)
         apply_bundle(bundle, c)  # sample from exactly what the bundle stores, so `edit` reproduces the pixels
+        record_b.loss_after = fixed(e_opt)
         self._applied = bundle
         self._uncond = encoded.uncond
         return bundle
