@@ -319,3 +319,18 @@ def test_run_json_and_notes_say_how_the_photo_was_fitted(tiny_sd, photo):
     fit = imagic.report()["input_fit"]
     assert fit["photo"] == [96, 72] and fit["working_size"] == [72, 56] and fit["mode"].startswith("centre crop")
     assert any("cut from the left and right" in n for n in imagic.notes)
+
+
+def test_grid_shows_the_input_beside_the_edits(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from imagic_lite.outputs import write_grid
+
+    samples = [SimpleNamespace(eta=e, seed=0, image=Image.new("RGB", (64, 64), (30, 30, 220))) for e in (1.0, 1.2)]
+    plain = Image.open(write_grid(tmp_path, "a", samples, {}, "t"))
+    with_input = Image.open(write_grid(tmp_path, "b", samples, {}, "t", Image.new("RGB", (64, 64), (220, 30, 30))))
+    assert with_input.width > plain.width
+    colours = {c for _, c in with_input.convert("RGB").getcolors(1 << 20)}
+    assert (220, 30, 30) in colours and (30, 30, 220) in colours
