@@ -234,11 +234,57 @@ def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, 
     from .outputs import fit_and_write
     from .progress import StageProgress
 
-    with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
+    with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as bars:
+        p = imagic.preset
+        steps = {"A": p.embed.steps, "B": p.tune.steps, "C": p.sample.steps * len(p.sample.etas) * len(p.sample.seeds)}
+        progress = RunClock(bars, console, steps, enabled=not (quiet or json_out),
+                            on_gpu=imagic.components.device.type == "cuda")
         report, files = fit_and_write(imagic, image, prompt, stem, out, seed=seed, resume=resume,
                                       thumbnail=thumbnail, progress=progress, stop=stop,
                                       fitted=lambda: _print_notes(console, imagic.notes[shown:]))
     _summary(report, files, json_out, quiet)
+
+
+class RunClock:
+    """Wraps the progress callback: after the first stage's first few steps, one line with about how long the rest
+    of the run takes at the measured pace, and what makes it faster (a busy machine shows up in the pace)."""
+
+    def __init__(self, progress, console, steps: dict[str, int], enabled: bool, on_gpu: bool,
+                 clock=None) -> None:
+        import time
+
+        self.progress, self.console, self.steps, self.enabled, self.on_gpu = progress, console, steps, enabled, on_gpu
+        self.clock = clock or time.perf_counter
+        self.start: tuple[str, int, float] | None = None  # (stage, step, time) of the first event seen
+        self.said = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.progress(event)
+        if self.said or not self.enabled:
+            return
+        now, stage, step = self.clock(), event["stage"], event["step"]
+        if self.start is None or self.start[0] != stage:
+            self.start = (stage, step, now)  # from the first step on: the first one also pays for warm-up
+            return
+        _, step0, t0 = self.start
+        if step - step0 < 3 and now - t0 < 10:
+            return
+        per_step = (now - t0) / (step - step0)
+        order = list(self.steps)
+        left = sum(self.steps[s] for s in order[order.index(stage) + 1:]) + self.steps[stage] - step
+        faster = "fewer --embed-steps/--tune-steps/--sample-steps, fewer --etas or --seeds"
+        faster += ", a larger --vram preset" if self.on_gpu else ", a GPU (--vram N), an idle machine"
+        self.console.print(f"[yellow]note:[/] about {_duration(per_step * left)} to go at {per_step:.2f} s a step "
+                           f"(measured; {left} steps left, sampling steps counted alike); faster: {faster}")
+        self.said = True
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: bool = False) -> None:
@@ -250,13 +296,14 @@ def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: b
         return
     from rich.table import Table
 
-    table = Table(title="stages", show_edge=False)
-    for col in ("stage", "seconds", "steps", "peak memory", "loss, first -> last 10 %"):
+    table = Table(title="stages", show_edge=False, caption="* denoising loss at 8 fixed (timestep, noise) draws: "
+                  "A, the prompt's embedding -> e_opt; B, the UNet before -> after tuning")
+    for col in ("stage", "seconds", "steps", "peak memory", "loss before -> after*"):
         table.add_column(col)
     for r in report["stages"]:
         peak = r["peak"]
         memory = f"{peak['peak_bytes'] / 2**30:.2f} GiB {peak['label']}" if peak.get("peak_bytes") else ""
-        loss = f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}" if r.get("loss_first") is not None else ""
+        loss = f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}" if r.get("loss_after") is not None else ""
         table.add_row(r["stage"], f"{r['seconds']:.1f}", str(r["steps"]), memory, loss)
     console = _console(stderr=False)
     console.print(table)
@@ -306,7 +353,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     prompt = bundle.meta.get("prompt", "")
     params = edit_params(imagic, prompt, bundle_path.name, sample)
     with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
-        files = write_samples(out, stem, samples, params, title=prompt)
+        files = write_samples(out, stem, samples, params, title=prompt, input_image=bundle.thumbnail)
         report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
                   "outputs": [str(f) for f in files]}
         report["preset"]["sample"] = sample.__dict__
@@ -589,7 +636,8 @@ def ui(ctx: click.Context, port: int, host: str, model: str | None, vram: str | 
     console = _console()
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: other machines can reach the page and use this GPU")
-    console.print(f"imagic-lite ui: [bold]http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/[/]"
+    shown = "127.0.0.1" if host == "0.0.0.0" else f"[{host}]" if ":" in host else host  # IPv6 needs brackets
+    console.print(f"imagic-lite ui: [bold]http://{shown}:{port}/[/]"
                   f"{f'  public: {demo.share_url}' if demo.share_url else ''}  files: {out}  (Ctrl-C to stop)")
     try:
         while True:

@@ -532,6 +532,7 @@ def start(settings: UISettings):
                     prevent_thread_lock=True, quiet=True, show_error=False, ssr_mode=False, css=CSS,
                     allowed_paths=[str(settings.out.resolve())], footer_links=[])
     except OSError as exc:
-        raise InputError(f"cannot listen on {settings.host}:{settings.port} ({str(exc).splitlines()[0]}); "
-                         "pass a free --port") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        why = "the port is in use" if why.startswith("Cannot find empty port") else why  # Gradio's words
+        raise InputError(f"cannot listen on {settings.host}:{settings.port}: {why}; pass a free --port") from None
     return demo
