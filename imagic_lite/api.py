@@ -170,6 +170,7 @@ class Imagic:
         self.preset = preset
         self.notes = list(notes or []) + components.notes
         self.records: list[StageRecord] = []
+        self.input_fit: dict[str, Any] | None = None  # how the last photo was cropped and sized (run.json)
         self._applied: object | None = None  # the bundle whose weights are in the UNet
 
     @classmethod
@@ -211,7 +212,7 @@ class Imagic:
         Interrupted; with `resume`, an existing checkpoint continues the run to the same result."""
         from .bundle import Bundle, apply_bundle
         from .checkpoint import load_checkpoint, save_checkpoint
-        from .images import load_image, prepare, to_tensor
+        from .images import fit_crop, load_image, prepare, to_tensor
         from .pristine import reset_unet
 
         c, p = self.components, self.preset
@@ -221,7 +222,16 @@ class Imagic:
             loaded = load_image(image)
             self.notes += list(loaded.notes)
             image = loaded.image
+        size, box = fit_crop(image.width, image.height, c.native, c.multiple)
         original = (image.height, image.width)  # after EXIF orientation; SDXL's time ids are told this size
+        self.input_fit = {"photo": [image.width, image.height], "mode": "centre crop, then resize",
+                          "crop_box": list(box), "working_size": list(size)}
+        if (box[2] - box[0], box[3] - box[1]) != image.size:
+            cut = image.width - (box[2] - box[0]) or image.height - (box[3] - box[1])
+            sides = "left and right" if box[0] else "top and bottom"
+            self.notes.append(f"the photo is {image.width}x{image.height}; this model takes sides in multiples of "
+                              f"{c.multiple} px, so {size[0]}x{size[1]} px: {cut} px were cut from the {sides} "
+                              f"(centred) to keep the aspect ratio")
         fitted = prepare(image, c.native, c.multiple)
         pixels = to_tensor(fitted)
         key = run_key(pixels, prompt, c.fingerprint, p, seed, original)
@@ -315,6 +325,7 @@ class Imagic:
             "prediction_type": c.prediction_type, "native_resolution": c.native, "preset": self.preset.to_dict(),
             "device": device_info(c.device), "compute_dtype": str(c.dtype).replace("torch.", ""),
             "versions": versions(), "notes": self.notes, "stages": [asdict(r) for r in self.records],
+            "input_fit": self.input_fit,
         }
 
 

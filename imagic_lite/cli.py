@@ -353,7 +353,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     prompt = bundle.meta.get("prompt", "")
     params = edit_params(imagic, prompt, bundle_path.name, sample)
     with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
-        files = write_samples(out, stem, samples, params, title=prompt)
+        files = write_samples(out, stem, samples, params, title=prompt, input_image=bundle.thumbnail)
         report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
                   "outputs": [str(f) for f in files]}
         report["preset"]["sample"] = sample.__dict__

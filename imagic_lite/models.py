@@ -530,9 +530,10 @@ def unet_kwargs(c: Components, cond: Cond, height: int, width: int,
                 original: tuple[int, int] | None = None) -> dict:
     """Keyword arguments for one UNet call; SDXL adds pooled text and the size/crop time ids.
 
-    SDXL was trained knowing each photo's size before resizing (`original`, height x width) and its crop: we never
-    crop, so the crop is (0, 0), and the original size is the photo's own, as the issue and SDXL's paper ask. Without
-    it (None) the working size stands in, which tells SDXL the photo was small."""
+    SDXL was trained knowing each photo's size before resizing (`original`, height x width) and its crop: we cut
+    only the few pixels that give the working size's aspect (images.fit_crop), so the crop is given as (0, 0) and
+    the original size is the photo's own, as the issue and SDXL's paper ask. Without it (None) the working size
+    stands in, which tells SDXL the photo was small."""
     kwargs = {"encoder_hidden_states": cond.embeds}
     if c.family.pooled:
         n = cond.embeds.shape[0]

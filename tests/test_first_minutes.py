@@ -280,3 +280,49 @@ def test_readme_python_example_shows_progress_and_writes_into_a_folder(tiny_sd, 
     assert "stage A: 2/2" in printed and "stage C: 1/1" in printed
     names = sorted(p.name for p in (tmp_path / "imagic-out" / "api").iterdir())
     assert names == ["red-circle.imagic.safetensors", "red-circle_eta1.00_seed0.png"]
+
+
+def test_non_square_photos_keep_their_aspect_ratio(tmp_path):
+    """A 640x480 photo on the shapes model (64 px, sides in multiples of 32): centre-cropped to 480x480, not
+    squashed; a circle stays round. The crop is said in a note and recorded for run.json."""
+    from PIL import Image, ImageDraw
+
+    from imagic_lite.images import fit_crop, prepare
+
+    photo = Image.new("RGB", (640, 480), (128, 128, 128))
+    ImageDraw.Draw(photo).ellipse((220, 140, 420, 340), fill=(220, 30, 30))  # a circle of 200 px in the middle
+    assert fit_crop(640, 480, 64, 32) == ((64, 64), (80, 0, 560, 480))
+    fitted = prepare(photo, 64, 32)
+    red = [(x, y) for y in range(64) for x in range(64) if fitted.getpixel((x, y))[0] > 170]
+    width = max(x for x, _ in red) - min(x for x, _ in red)
+    height = max(y for _, y in red) - min(y for _, y in red)
+    assert abs(width - height) <= 1  # squashed it was 20 x 26 px
+    for size in [(4032, 3024), (3024, 4032), (1920, 1080), (500, 333)]:
+        (w, h), box = fit_crop(*size, 512, 64)
+        assert w % 64 == 0 and h % 64 == 0
+        assert abs((box[2] - box[0]) / (box[3] - box[1]) - w / h) < 0.01  # the crop has the working aspect
+
+
+def test_run_json_and_notes_say_how_the_photo_was_fitted(tiny_sd, photo):
+    from imagic_lite.api import Imagic
+
+    imagic = Imagic.from_pretrained(str(tiny_sd), "cpu", overrides={"embed": {"steps": 0}, "tune": {"steps": 0}})
+    imagic.fit(photo, "a dog")
+    fit = imagic.report()["input_fit"]
+    assert fit["photo"] == [96, 72] and fit["working_size"] == [72, 56] and fit["mode"].startswith("centre crop")
+    assert any("cut from the left and right" in n for n in imagic.notes)
+
+
+def test_grid_shows_the_input_beside_the_edits(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from imagic_lite.outputs import write_grid
+
+    samples = [SimpleNamespace(eta=e, seed=0, image=Image.new("RGB", (64, 64), (30, 30, 220))) for e in (1.0, 1.2)]
+    plain = Image.open(write_grid(tmp_path, "a", samples, {}, "t"))
+    with_input = Image.open(write_grid(tmp_path, "b", samples, {}, "t", Image.new("RGB", (64, 64), (220, 30, 30))))
+    assert with_input.width > plain.width
+    colours = {c for _, c in with_input.convert("RGB").getcolors(1 << 20)}
+    assert (220, 30, 30) in colours and (30, 30, 220) in colours
