@@ -64,7 +64,7 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.now
         self.peak_parts = dict(self.parts)
         self.peak_where = self.where
-        self.largest = (0, "", "")  # (bytes, op, where) of the largest single new storage
+        self._largest: list[tuple[int, int, str, str]] = []  # (bytes, key, op, where): the 16 largest new storages
 
     def track(self, tensor: torch.Tensor, part: str = "activations", op: str = "") -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device_type or tensor.is_sparse:
@@ -81,8 +81,18 @@ class LiveBytes(TorchDispatchMode):
         self.parts[part] += size
         self.now += size
         weakref.finalize(storage, self._free, key)
-        if part == "activations" and size > self.largest[0]:
-            self.largest = (size, op, self.where)
+        if part == "activations" and (len(self._largest) < 16 or size > self._largest[-1][0]):
+            self._largest = sorted([*self._largest, (size, key, op, self.where)], reverse=True)[:16]
+
+    @property
+    def largest(self) -> tuple[int, str, str]:
+        """(bytes, op, where) of the largest storage made in this window that stayed an activation or transient (a
+        module moved onto the device arrives through `_to_copy` too, and is a weight from then on)."""
+        for size, key, op, where in self._largest:
+            entry = self.live.get(key)
+            if entry is None or entry[1] == "activations":
+                return size, op, where
+        return 0, "", ""
 
     def retag(self, tensor: torch.Tensor | None, part: str) -> None:
         if tensor is not None:
