@@ -29,7 +29,10 @@ CSS = """
 #status .busy { color: #8a5a00; font-weight: 600; }
 #status .note { color: #555; }
 #stages table { width: 100%; font-variant-numeric: tabular-nums; }
+#stages td:nth-child(2) { width: 35%; }
 #stages progress { width: 100%; }
+#current img { width: 100%; height: 100%; object-fit: contain; }
+#current img, #gallery img, #preview img { image-rendering: pixelated; }  /* a 64 px result stays crisp */
 """
 
 
@@ -130,28 +133,30 @@ class Workbench:
 
     def train(self, image: Any, source: Path, prompt: str, spec: tuple, overrides: dict[str, Any],
               tune_lr: float | None, seed: int, log: StageLog, stop: Any) -> Session:
-        """Stages A and B on the photo, the bundle and its exports saved, then stage C at the preset's etas."""
-        from .bundle import save_bundle
-        from .outputs import run_params
+        """What `run` does (outputs.fit_and_write: stages A, B, the bundle, stage C, PNGs, run.json) in a new
+        folder beside the uploaded photo, plus the kohya and diffusers exports."""
+        from PIL import Image
+
+        from .bundle import load_bundle
+        from .images import read_png_params
+        from .imagic import Sample
+        from .outputs import fit_and_write, run_params
 
         imagic = self._load(spec, fresh=True, overrides=overrides, tune_lr=tune_lr)
         stem = safe_stem(source.name)
         out = fresh_dir(self.settings.out, stem)
         shutil.copyfile(source, out / f"input{source.suffix.lower()}")  # the upload, beside what it became
         self._pure = imagic.preset.tune.mode == "lora"
-        bundle = imagic.fit(image, prompt, seed=seed, progress=log, stop=stop)
-        self._applied(bundle)
-        bundle_path = out / f"{stem}.imagic.safetensors"
-        size = save_bundle(bundle_path, bundle)
-        session = Session(bundle, out, stem, prompt, run_params(imagic, prompt, seed), imagic.preset.sample, spec,
-                          files=[bundle_path], notes=list(imagic.notes))
-        session.files += _exports(bundle, out, stem, session.notes)
-        self._first_renders(imagic, session, log, stop)
-        from .outputs import write_run_json
-
-        report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
-                  "bundle_bytes": size, "outputs": [str(p) for _, p in session.samples]}
-        session.files.append(write_run_json(out, report))
+        _, files = fit_and_write(imagic, image, prompt, stem, out, seed=seed, resume=False, thumbnail=True,
+                                 progress=log, stop=stop)
+        bundle_path, *pngs, grid, run_json = files
+        session = Session(load_bundle(bundle_path), out, stem, prompt, run_params(imagic, prompt, seed),
+                          imagic.preset.sample, spec, files=[bundle_path, grid, run_json], notes=list(imagic.notes))
+        for png in pngs:
+            params = read_png_params(png)
+            with Image.open(png) as im:
+                session.samples.append((Sample(params["eta"], params["seed"], im.convert("RGB")), png))
+        session.files[1:1] = _exports(session.bundle, out, stem, session.notes)
         return session
 
     def open(self, path: Path, name: str, preset: str | None, vram: str | None, log: StageLog,
@@ -173,19 +178,10 @@ class Workbench:
         session = Session(bundle, out, stem, prompt, edit_params(imagic, prompt, copy.name, sample), sample, spec,
                           files=[copy], notes=list(imagic.notes))
         session.files += _exports(bundle, out, stem, session.notes)
-        self._first_renders(imagic, session, log, stop)
-        return session
-
-    def _first_renders(self, imagic: Any, session: Session, log: StageLog, stop: Any) -> None:
-        """The etas the settings name, for their first seed, as `run`/`edit` would draw them."""
-        sample = replace(session.sample, seeds=session.sample.seeds[:1])
-        try:
-            samples = imagic.generate(session.bundle, sample=sample, progress=log, stop=stop)
-        except Interrupted:
-            session.notes.append("stopped while sampling; the bundle is saved: move the eta slider to render")
-            return
-        self._applied(session.bundle)
+        samples = imagic.generate(bundle, sample=sample, progress=log, stop=stop)  # as `edit` draws them
+        self._applied(bundle)
         self._record(session, samples)
+        return session
 
     def render(self, session: Session, eta: float, seed: int, steps: int | None, guidance: float | None,
                log: StageLog, stop: Any) -> None:
@@ -395,7 +391,7 @@ def build_app(bench: Workbench):
                 render = gr.Button("Render", interactive=False, elem_id="render")
                 current = gr.Image(label="Result", type="filepath", interactive=False, elem_id="current",
                                    height=320)
-                gallery = gr.Gallery(label="Etas so far", columns=6, height="auto", elem_id="gallery")
+                gallery = gr.Gallery(label="Etas so far", columns=6, height=190, elem_id="gallery")
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False,
                                     elem_id="downloads")
 
@@ -414,7 +410,8 @@ def build_app(bench: Workbench):
 
         def failed(exc: BaseException, uploads: dict[str, str]) -> str:
             if isinstance(exc, Interrupted):  # the user's own Stop: not an error, and the page stays usable
-                return status_html(f"{exc}; the page is ready again")
+                text = str(exc).split(";")[0] if "--resume" in str(exc) else str(exc)  # no CLI-only advice
+                return status_html(f"{text}; the page is ready again")
             return status_html(one_line(exc, uploads), "error")
 
         def on_photo(path: str | None):

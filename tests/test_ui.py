@@ -366,3 +366,47 @@ def test_stop_mid_run_and_a_second_tab_is_told_busy(edited, browser, server):
     expect(page.locator("#current img")).not_to_have_attribute("src", src)
     assert "eta0.90" in page.locator("#current img").get_attribute("src")
     other.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@needs_browser
+def test_readme_screenshot(browser, server):
+    """README's "Web UI" picture: the red circle edited with the shapes model's own settings, then eta moved to 1.3.
+    Writes benchmarks/results/ui-edit.png and ui-edit.json (timings, load, versions). About 1-3 minutes."""
+    import platform
+
+    import gradio
+    from playwright.sync_api import expect
+
+    results = ROOT / "benchmarks" / "results"
+    load_before = os.getloadavg()
+    page = _page(browser, server)
+    _upload_photo(page, RED_CIRCLE)
+    start = time.monotonic()
+    page.locator("#run").click()
+    expect(page.locator("#status")).to_contain_text("done", timeout=900_000)
+    run_seconds = time.monotonic() - start
+    out = Path(_status(page).splitlines()[0].split("files in ", 1)[1].strip())
+    src = page.locator("#current img").get_attribute("src")
+    start = time.monotonic()
+    _drag(page, "#eta input[type=range]", 0.65)  # eta 1.3, between the settings' 1.2 and 1.4
+    expect(page.locator("#current img")).not_to_have_attribute("src", src, timeout=300_000)
+    rerender_seconds = time.monotonic() - start
+    expect(page.locator("#status")).to_contain_text("eta 1.3")
+    page.screenshot(path=results / "ui-edit.png", full_page=True)
+    run = json.loads((out / "run.json").read_text())
+    from imagic_lite.files import write_text_atomic
+
+    write_text_atomic(results / "ui-edit.json", json.dumps({
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "test": "tests/test_ui.py::test_readme_screenshot",
+        "command": f"imagic-lite ui --model shapes --port {server.port}", "browser": browser.version,
+        "gradio": gradio.__version__, "machine": {"cpus": os.cpu_count(), "processor": platform.machine(),
+                                                  "load_average_1_5_15_before": load_before,
+                                                  "load_average_1_5_15_after": os.getloadavg()},
+        "served_after_seconds": round(server.served_after, 1),
+        "run_click_to_done_seconds": round(run_seconds, 1),
+        "eta_release_to_new_image_seconds": round(rerender_seconds, 1),
+        "run_json_stages": {r["stage"]: round(r["seconds"], 2) for r in run["stages"]},
+        "settings": run["preset"], "versions": run["versions"], "device": run["device"],
+    }, indent=1) + "\n")
