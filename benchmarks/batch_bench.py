@@ -34,8 +34,8 @@ def jobs_file(folder: Path, count: int) -> Path:
     return path
 
 
-def launch(processes: int, launcher: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def launch(processes: int, launcher: str, args: list[str], omp: str | None) -> tuple[list[str], dict[str, str]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)} | ({"OMP_NUM_THREADS": omp} if omp else {})
     if processes == 1:
         return [sys.executable, "-m", "imagic_lite", *args], env
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")  # what torchrun sets: one thread per process
@@ -46,9 +46,10 @@ def launch(processes: int, launcher: str, args: list[str]) -> tuple[list[str], d
             "imagic_lite", *args], env
 
 
-def timed_batch(processes: int, launcher: str, jobs: Path, out: Path, model: str, extra: list[str]) -> dict:
+def timed_batch(processes: int, launcher: str, jobs: Path, out: Path, model: str, extra: list[str],
+                omp: str | None) -> dict:
     command, env = launch(processes, launcher, ["batch", str(jobs), "--out", str(out), "--model", model, "--quiet",
-                                                *extra])
+                                                *extra], omp)
     load_before = os.getloadavg()
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="How to start more than one process (accelerate: --multi_gpu, for GPUs).")
     parser.add_argument("--jobs", type=int, default=4, help="Jobs per batch (a multiple of every process count).")
     parser.add_argument("--model", default="shapes")
+    parser.add_argument("--omp-threads", help="OMP_NUM_THREADS for every run (default: torch's own for 1 process, "
+                        "1 per process for more, as torchrun sets); 1 separates parallelism from thread contention.")
     parser.add_argument("--extra", default="", help="More batch flags, e.g. '--tune-steps 50'.")
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.processes.split(",")]
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="batch-bench-") as tmp:
         jobs = jobs_file(Path(tmp), args.jobs)
         for n in counts:
-            runs.append(timed_batch(n, args.launcher, jobs, Path(tmp) / f"out-{n}", args.model, extra))
+            runs.append(timed_batch(n, args.launcher, jobs, Path(tmp) / f"out-{n}", args.model, extra,
+                                    args.omp_threads))
     import torch
 
     from imagic_lite.api import versions
