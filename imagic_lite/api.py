@@ -26,7 +26,17 @@ from .config import (
     read_toml,
 )
 from .errors import ConfigError, Interrupted
-from .imagic import Progress, Sample, StageState, StopFlag, _no_progress, finetune, generate, optimize_embedding
+from .imagic import (
+    Progress,
+    Sample,
+    StageState,
+    StopFlag,
+    _no_progress,
+    finetune,
+    fixed_loss,
+    generate,
+    optimize_embedding,
+)
 from .models import DEFAULT_MODEL, Components, Cond, encode, encode_uncond, load_components, pick_device, resolve_model
 
 MODEL_RECOMMENDATIONS = "imagic-lite.toml"  # a model folder may ship stage settings that suit it
@@ -54,8 +64,9 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 def choose_preset(preset: str | None, vram: str | None, device: torch.device,
                   model: str = DEFAULT_MODEL) -> tuple[Preset, list[str]]:
-    """--preset wins; else --vram N (or auto: free memory against the estimate for `model`) on CUDA; without
-    CUDA the `cpu` preset."""
+    """--preset wins; else on CUDA --vram N (or auto: the free memory) against the simulated whole-run peak of each
+    preset for `model` at its native size (imagic_lite.simulate, cached per architecture); without CUDA the `cpu`
+    preset."""
     notes: list[str] = []
     gb = None if vram in (None, "auto") else _parse_vram(vram)
     if preset:
@@ -65,14 +76,18 @@ def choose_preset(preset: str | None, vram: str | None, device: torch.device,
             preset_for_vram(gb)  # still refuse a budget below every preset
             notes.append("no CUDA device: using the cpu preset (--vram applies to GPUs)")
         return load_preset("cpu"), notes
-    if gb is None:
-        from .memory import arch_facts, auto_vram, choose_preset_for_budget
+    from .memory import auto_vram
+    from .vram import choose_preset_for_card
 
-        free_gb = auto_vram()
-        chosen = choose_preset_for_budget(free_gb, arch_facts(model))
-        notes.append(f"--vram auto: {free_gb:.1f} GB free on the GPU, using preset {chosen.name}")
-        return chosen, notes
-    return preset_for_vram(gb), notes
+    budget = auto_vram() if gb is None else gb
+
+    def simulating(name: str) -> None:
+        notes.append(f"simulated preset {name} for this model (once; cached)")
+
+    chosen, peak = choose_preset_for_card(budget, model, on_miss=simulating)
+    said = f"{budget:.1f} GB free on the GPU" if gb is None else f"{budget:g} GB"
+    notes.append(f"--vram {vram}: {said}; preset {chosen.name} (simulated peak {peak / 2**30:.2f} GiB)")
+    return chosen, notes
 
 
 def _parse_vram(vram: str) -> float:
@@ -133,6 +148,8 @@ class StageRecord:
     peak: dict[str, Any]
     loss_first: float | None = None  # mean over the stage's first tenth of steps (see _ends)
     loss_last: float | None = None  # mean over its last tenth
+    loss_before: float | None = None  # at fixed (timestep, noise) draws before the stage (imagic.fixed_loss)
+    loss_after: float | None = None  # the same draws after it: a comparison that means something
 
 
 def run_key(pixels: torch.Tensor, prompt: str, fingerprint: str, preset: Preset, seed: int,
@@ -153,6 +170,7 @@ class Imagic:
         self.preset = preset
         self.notes = list(notes or []) + components.notes
         self.records: list[StageRecord] = []
+        self.input_fit: dict[str, Any] | None = None  # how the last photo was cropped and sized (run.json)
         self._applied: object | None = None  # the bundle whose weights are in the UNet
 
     @classmethod
@@ -194,7 +212,7 @@ class Imagic:
         Interrupted; with `resume`, an existing checkpoint continues the run to the same result."""
         from .bundle import Bundle, apply_bundle
         from .checkpoint import load_checkpoint, save_checkpoint
-        from .images import load_image, prepare, to_tensor
+        from .images import fit_crop, load_image, prepare, to_tensor
         from .pristine import reset_unet
 
         c, p = self.components, self.preset
@@ -204,7 +222,16 @@ class Imagic:
             loaded = load_image(image)
             self.notes += list(loaded.notes)
             image = loaded.image
+        size, box = fit_crop(image.width, image.height, c.native, c.multiple)
         original = (image.height, image.width)  # after EXIF orientation; SDXL's time ids are told this size
+        self.input_fit = {"photo": [image.width, image.height], "mode": "centre crop, then resize",
+                          "crop_box": list(box), "working_size": list(size)}
+        if (box[2] - box[0], box[3] - box[1]) != image.size:
+            cut = image.width - (box[2] - box[0]) or image.height - (box[3] - box[1])
+            sides = "left and right" if box[0] else "top and bottom"
+            self.notes.append(f"the photo is {image.width}x{image.height}; this model takes sides in multiples of "
+                              f"{c.multiple} px, so {size[0]}x{size[1]} px: {cut} px were cut from the {sides} "
+                              f"(centred) to keep the aspect ratio")
         fitted = prepare(image, c.native, c.multiple)
         pixels = to_tensor(fitted)
         key = run_key(pixels, prompt, c.fingerprint, p, seed, original)
@@ -227,17 +254,26 @@ class Imagic:
                     exc.args = (f"{exc.args[0]}; saved {checkpoint.name}, continue with --resume",)
                 raise
 
+        def fixed(cond: Cond) -> float:
+            return fixed_loss(c, encoded.latent, cond, original)
+
         losses_a: list[float] = []
         if state is None or state.stage == "A":
             e_opt, losses_a = self._stage("A", p.embed.steps, lambda: guarded(lambda: optimize_embedding(
                 c, encoded.latent, encoded.e_tgt, p.embed, seed=seed, progress=progress, stop=stop,
                 resume=state, original=original), None))
             state = None
+            self.records[-1].loss_before = fixed(encoded.e_tgt)
         self.records[-1].loss_first, self.records[-1].loss_last = _ends(losses_a)
+        loss_b_before = fixed(e_opt)  # the frozen UNet with e_opt: also stage A's "after"
+        if self.records[-1].stage == "A":
+            self.records[-1].loss_after = loss_b_before
         weights, losses_b = self._stage("B", p.tune.steps, lambda: guarded(lambda: finetune(
             c, encoded.latent, e_opt, p.tune, seed=seed, progress=progress, stop=stop, resume=state,
             original=original), e_opt))
-        self.records[-1].loss_first, self.records[-1].loss_last = _ends(losses_b)
+        record_b = self.records[-1]
+        record_b.loss_first, record_b.loss_last = _ends(losses_b)
+        record_b.loss_before = loss_b_before
 
         from .lora import lora_config
 
@@ -254,6 +290,7 @@ class Imagic:
                         thumbnail=fitted if thumbnail else None)
         bundle = _rounded(bundle)
         apply_bundle(bundle, c)  # sample from exactly what the bundle stores, so `edit` reproduces the pixels
+        record_b.loss_after = fixed(e_opt)
         self._applied = bundle
         self._uncond = encoded.uncond
         return bundle
@@ -288,6 +325,7 @@ class Imagic:
             "prediction_type": c.prediction_type, "native_resolution": c.native, "preset": self.preset.to_dict(),
             "device": device_info(c.device), "compute_dtype": str(c.dtype).replace("torch.", ""),
             "versions": versions(), "notes": self.notes, "stages": [asdict(r) for r in self.records],
+            "input_fit": self.input_fit,
         }
 
 

@@ -234,11 +234,57 @@ def _finish_run(imagic, image, prompt: str, stem: str, out: Path, *, seed: int, 
     from .outputs import fit_and_write
     from .progress import StageProgress
 
-    with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as progress:
+    with StopFlag().installed() as stop, StageProgress(console, enabled=not (quiet or json_out)) as bars:
+        p = imagic.preset
+        steps = {"A": p.embed.steps, "B": p.tune.steps, "C": p.sample.steps * len(p.sample.etas) * len(p.sample.seeds)}
+        progress = RunClock(bars, console, steps, enabled=not (quiet or json_out),
+                            on_gpu=imagic.components.device.type == "cuda")
         report, files = fit_and_write(imagic, image, prompt, stem, out, seed=seed, resume=resume,
                                       thumbnail=thumbnail, progress=progress, stop=stop,
                                       fitted=lambda: _print_notes(console, imagic.notes[shown:]))
     _summary(report, files, json_out, quiet)
+
+
+class RunClock:
+    """Wraps the progress callback: after the first stage's first few steps, one line with about how long the rest
+    of the run takes at the measured pace, and what makes it faster (a busy machine shows up in the pace)."""
+
+    def __init__(self, progress, console, steps: dict[str, int], enabled: bool, on_gpu: bool,
+                 clock=None) -> None:
+        import time
+
+        self.progress, self.console, self.steps, self.enabled, self.on_gpu = progress, console, steps, enabled, on_gpu
+        self.clock = clock or time.perf_counter
+        self.start: tuple[str, int, float] | None = None  # (stage, step, time) of the first event seen
+        self.said = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.progress(event)
+        if self.said or not self.enabled:
+            return
+        now, stage, step = self.clock(), event["stage"], event["step"]
+        if self.start is None or self.start[0] != stage:
+            self.start = (stage, step, now)  # from the first step on: the first one also pays for warm-up
+            return
+        _, step0, t0 = self.start
+        if step - step0 < 3 and now - t0 < 10:
+            return
+        per_step = (now - t0) / (step - step0)
+        order = list(self.steps)
+        left = sum(self.steps[s] for s in order[order.index(stage) + 1:]) + self.steps[stage] - step
+        faster = "fewer --embed-steps/--tune-steps/--sample-steps, fewer --etas or --seeds"
+        faster += ", a larger --vram preset" if self.on_gpu else ", a GPU (--vram N), an idle machine"
+        self.console.print(f"[yellow]note:[/] about {_duration(per_step * left)} to go at {per_step:.2f} s a step "
+                           f"(measured; {left} steps left, sampling steps counted alike); faster: {faster}")
+        self.said = True
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: bool = False) -> None:
@@ -250,13 +296,14 @@ def _summary(report: dict[str, Any], files: list[Path], json_out: bool, quiet: b
         return
     from rich.table import Table
 
-    table = Table(title="stages", show_edge=False)
-    for col in ("stage", "seconds", "steps", "peak memory", "loss, first -> last 10 %"):
+    table = Table(title="stages", show_edge=False, caption="* denoising loss at 8 fixed (timestep, noise) draws: "
+                  "A, the prompt's embedding -> e_opt; B, the UNet before -> after tuning")
+    for col in ("stage", "seconds", "steps", "peak memory", "loss before -> after*"):
         table.add_column(col)
     for r in report["stages"]:
         peak = r["peak"]
         memory = f"{peak['peak_bytes'] / 2**30:.2f} GiB {peak['label']}" if peak.get("peak_bytes") else ""
-        loss = f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}" if r.get("loss_first") is not None else ""
+        loss = f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}" if r.get("loss_after") is not None else ""
         table.add_row(r["stage"], f"{r['seconds']:.1f}", str(r["steps"]), memory, loss)
     console = _console(stderr=False)
     console.print(table)
@@ -306,7 +353,7 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     prompt = bundle.meta.get("prompt", "")
     params = edit_params(imagic, prompt, bundle_path.name, sample)
     with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
-        files = write_samples(out, stem, samples, params, title=prompt)
+        files = write_samples(out, stem, samples, params, title=prompt, input_image=bundle.thumbnail)
         report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
                   "outputs": [str(f) for f in files]}
         report["preset"]["sample"] = sample.__dict__
@@ -435,60 +482,93 @@ def bench(ctx: click.Context, model: str, preset_list: str, resolution: int | No
         click.echo(f"results: {path}")
 
 
+def _simulating(ctx: click.Context, console, name: str, model: str) -> None:
+    _quiet_libraries(ctx.obj["debug"])
+    console.print(f"simulating preset {name} for {model} (first time for this architecture and size; cached after)")
+
+
 def _bench_simulated(model: str, preset_list: str, resolution: int | None, out: Path, json_out: bool) -> None:
-    from . import simulate
+    from . import simulate, vram
+    from .files import write_text_atomic
 
     names = [p.strip() for p in preset_list.split(",") if p.strip()]
     console = _console()
+    path: list[Path] = []
 
-    def said(event: dict) -> None:
+    def said(event: dict) -> None:  # the results file grows preset by preset: a long run killed keeps what it did
+        result = event["result"]
+        path[:] = [vram.write_results(result, out)]
+        write_text_atomic(path[0].with_suffix(".md"), vram.render_table(result))
         if not json_out:
             console.print(f"simulated {event['preset']}: {event['peak_allocated_bytes'] / 2**30:.2f} GiB at the peak "
-                          f"(stage {event['peak_stage']})")
+                          f"(stage {event['peak_stage']}); {path[0]}")
 
     result = simulate.simulate_presets(model, names, resolution, command=" ".join(["imagic-lite", *sys.argv[1:]]),
                                        on_event=said)
-    path = simulate.write_results(result, out)
     if json_out:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
-        click.echo(simulate.render_table(result))
-        click.echo(f"results: {path}")
+        click.echo(vram.render_table(result))
+        click.echo(f"results: {path[0]}")
 
 
 @cli.command(name="presets", epilog=EXIT_HELP)
+@click.option("--model", default="arch:sd15", show_default=True, help="The model to size the presets for.")
+@click.option("--resolution", type=int, help="Pixels per side (default: the model's native resolution).")
+@click.option("--simulate", is_flag=True, help="Simulate the presets that have no simulation yet for this model "
+              "and size (a minute or more each on a laptop CPU; cached afterwards).")
 @click.option("--json", "json_out", is_flag=True, help="Print as JSON.")
-def presets_command(json_out: bool) -> None:
-    """The shipped presets, their knobs, estimated and measured peak memory."""
+@click.pass_context
+def presets_command(ctx: click.Context, model: str, resolution: int | None, simulate: bool, json_out: bool) -> None:
+    """The shipped presets, their knobs, and each one's simulated peak GPU memory for MODEL (what --vram uses)."""
     from .config import all_presets
-    from .memory import arch_facts, estimate, measured_peaks
+    from .memory import measured_peaks
+    from .vram import cached_entry, card_need, simulate_cached, whole_run
 
-    facts = arch_facts("arch:sd15")
-    measured = measured_peaks(Path("benchmarks/results"))  # CUDA runs only: CPU peak RSS is not VRAM
+    console = _console()
+    measured = measured_peaks(Path("benchmarks/results"), model)  # CUDA runs only: CPU peak RSS is not VRAM
     rows = []
     for p in sorted(all_presets(), key=lambda p: (p.vram_gb is None, p.vram_gb or 0, p.name)):
-        est = {stage: parts["total"] for stage, parts in estimate(p.for_family("sd"), facts, 512, 512).items()}
-        rows.append({"name": p.name, "vram_gb": p.vram_gb, "description": p.description,
-                     "memory": p.memory.__dict__, "tune": p.tune.mode, "optimizer": p.tune.optimizer,
-                     "estimate_sd15_512": est, "measured_cuda": measured.get(p.name, {})})
+        if simulate:
+            entry = simulate_cached(model, p, resolution, on_miss=lambda n: _simulating(ctx, console, n, model))
+        else:
+            entry = cached_entry(model, p, resolution)
+        row = {"name": p.name, "vram_gb": p.vram_gb, "description": p.description, "memory": p.memory.__dict__,
+               "tune": p.tune.mode, "optimizer": p.tune.optimizer, "measured_cuda": measured.get(p.name, {}),
+               "simulated": None, "simulated_peak_bytes": None, "peak_stage": None, "card_need_bytes": None}
+        if entry is not None:
+            run = whole_run(entry)
+            stages = {s: r["peak_allocated_bytes"] for s, r in entry["stages"].items()}
+            row.update(side=entry["side"], simulated=stages, simulated_peak_bytes=run["peak_allocated_bytes"],
+                       peak_stage=run["peak_stage"],
+                       card_need_bytes=card_need(run["peak_allocated_bytes"]))
+        rows.append(row)
     if json_out:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     from rich.table import Table
 
-    table = Table(title="presets: stage B peak GPU memory, SD 1.5 at 512", caption="est. = the memory model's "
-                  "estimate; measured = a CUDA `imagic-lite bench` result, where one exists. --json has all stages.")
-    for col in ("name", "card", "weights", "storage", "ckpt", "optimizer", "est. B", "measured B"):
+    side = next((r["side"] for r in rows if "side" in r), resolution)
+    missing = [r["name"] for r in rows if r["simulated"] is None]
+    table = Table(title=f"presets: simulated peak GPU memory, {model}" + (f" at {side} px" if side else ""),
+                  caption="peak = the largest stage peak of a whole run, simulated on fake tensors "
+                          "(`imagic-lite bench --simulate`); needs = peak x 1.15 + 0.5 GiB (allocator and CUDA "
+                          "context, assumed). --vram picks the fastest preset whose need fits.")
+    for col in ("name", "card", "weights", "storage", "ckpt", "optimizer", "peak", "stage", "needs", "measured"):
         table.add_column(col, no_wrap=True)
     for r in rows:
-        est_b = r["estimate_sd15_512"].get("B")
-        meas_b = r["measured_cuda"].get("B")
+        meas = max(r["measured_cuda"].values()) if r["measured_cuda"] else None
+        peak, need = r["simulated_peak_bytes"], r["card_need_bytes"]
         table.add_row(
             r["name"], f"{r['vram_gb']:g} GB" if r["vram_gb"] else "-", r["memory"]["weights"],
             r["memory"]["storage"], "yes" if r["memory"]["checkpointing"] else "no", r["optimizer"],
-            f"{est_b / 2**30:.2f} GiB" if est_b else "-", f"{meas_b / 2**30:.2f} GiB" if meas_b else "-",
+            f"{peak / 2**30:.2f} GiB" if peak else "-", r["peak_stage"] or "-",
+            f"{need / 2**30:.1f} GiB" if need else "-", f"{meas / 2**30:.2f} GiB" if meas else "-",
         )
     _console(stderr=False).print(table)
+    if missing:
+        console.print(f"not simulated yet for this model and size: {', '.join(missing)} (add --simulate; --vram "
+                      "simulates what it needs by itself)")
 
 
 @cli.command(name="batch", epilog=EXIT_HELP + " In `batch`, 0 means every job is done or was already; 2 a bad "
@@ -589,7 +669,8 @@ def ui(ctx: click.Context, port: int, host: str, model: str | None, vram: str | 
     console = _console()
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: other machines can reach the page and use this GPU")
-    console.print(f"imagic-lite ui: [bold]http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/[/]"
+    shown = "127.0.0.1" if host == "0.0.0.0" else f"[{host}]" if ":" in host else host  # IPv6 needs brackets
+    console.print(f"imagic-lite ui: [bold]http://{shown}:{port}/[/]"
                   f"{f'  public: {demo.share_url}' if demo.share_url else ''}  files: {out}  (Ctrl-C to stop)")
     try:
         while True:

@@ -91,6 +91,19 @@ def denoising_loss(c: Components, latent: torch.Tensor, cond: Cond, generator: t
     return F.mse_loss(pred.float(), target.float())
 
 
+FIXED_DRAWS = 8  # (timestep, noise) pairs of fixed_loss: 8 UNet forwards, one at a time (batch 1 fits any preset)
+
+
+@torch.no_grad()
+def fixed_loss(c: Components, latent: torch.Tensor, cond: Cond, original: tuple[int, int] | None = None,
+               draws: int = FIXED_DRAWS, seed: int = 0) -> float:
+    """The denoising loss at the same `draws` seeded (timestep, noise) pairs every time it is called. One training
+    step's loss mostly reflects its random timestep (a stage's first and last steps can show a falling loss
+    rising); this one compares a stage's before and after."""
+    generator = torch.Generator().manual_seed(seed)
+    return sum(denoising_loss(c, latent, cond, generator, 1, original).item() for _ in range(draws)) / draws
+
+
 def _check_finite(loss: torch.Tensor, stage: str, step: int, c: Components) -> None:
     if not torch.isfinite(loss):
         hint = "use --preset cpu or a preset with weights = 'bf16'/'fp32'" if c.dtype == torch.float16 else \

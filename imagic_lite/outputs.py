@@ -55,10 +55,12 @@ def sample_name(stem: str, eta: float, seed: int) -> str:
     return f"{stem}_eta{eta:.2f}_seed{seed}.png"
 
 
-def write_samples(out: Path, stem: str, samples: list, params: dict[str, Any], title: str) -> list[Path]:
-    """One PNG per sample carrying its parameters, and a seeds x etas grid whose name contains `grid`."""
+def write_samples(out: Path, stem: str, samples: list, params: dict[str, Any], title: str,
+                  input_image=None) -> list[Path]:
+    """One PNG per sample carrying its parameters, and a seeds x etas grid whose name contains `grid` (with
+    `input_image`, the input as the model saw it in a first column, to compare each edit with)."""
     paths = [write_sample(out, stem, s, params) for s in samples]
-    return [*paths, write_grid(out, stem, samples, params, title)]
+    return [*paths, write_grid(out, stem, samples, params, title, input_image)]
 
 
 def write_sample(out: Path, stem: str, sample, params: dict[str, Any]) -> Path:
@@ -70,8 +72,9 @@ def write_sample(out: Path, stem: str, sample, params: dict[str, Any]) -> Path:
     return path
 
 
-def write_grid(out: Path, stem: str, samples: list, params: dict[str, Any], title: str) -> Path:
-    """The seeds x etas grid; a (seed, eta) not sampled (the web page samples one at a time) stays white."""
+def write_grid(out: Path, stem: str, samples: list, params: dict[str, Any], title: str, input_image=None) -> Path:
+    """The seeds x etas grid; a (seed, eta) not sampled (the web page samples one at a time) stays white. With
+    `input_image`, a first column "input" holds it (first row) beside the edits."""
     from PIL import Image
 
     from .images import make_grid, save_png
@@ -81,7 +84,12 @@ def write_grid(out: Path, stem: str, samples: list, params: dict[str, Any], titl
     by_key = {(s.seed, s.eta): s.image for s in samples}
     blank = Image.new("RGB", samples[0].image.size, "white")
     rows = [[by_key.get((seed, eta), blank) for eta in etas] for seed in seeds]
-    grid = make_grid(rows, [f"seed {s}" for s in seeds], [f"eta {e:g}" for e in etas], title=title)
+    columns = [f"eta {e:g}" for e in etas]
+    if input_image is not None:
+        shown = input_image.convert("RGB").resize(blank.size)
+        rows = [[shown if r == 0 else blank, *row] for r, row in enumerate(rows)]
+        columns = ["input", *columns]
+    grid = make_grid(rows, [f"seed {s}" for s in seeds], columns, title=title)
     path = out / f"{stem}_grid.png"
     save_png(path, grid, params)
     return path
@@ -126,7 +134,11 @@ def fit_and_write(imagic, image, prompt: str, stem: str, out: Path, *, seed: int
     if fitted is not None:
         fitted()
     samples = imagic.generate(progress=progress, stop=stop)
-    files = write_samples(out, stem, samples, run_params(imagic, prompt, seed), title=prompt)
+    from .images import prepare
+
+    c = imagic.components
+    files = write_samples(out, stem, samples, run_params(imagic, prompt, seed), title=prompt,
+                          input_image=prepare(image, c.native, c.multiple))
     report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
               "bundle_bytes": size, "outputs": [str(f) for f in files]}
     run_json = write_run_json(out, report)

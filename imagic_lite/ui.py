@@ -205,7 +205,7 @@ class Workbench:
             session.samples.append((s, path))
         session.samples.sort(key=lambda sp: (sp[0].seed, sp[0].eta))
         grid = write_grid(session.out, session.stem, [s for s, _ in session.samples], session.params,
-                          title=session.prompt)
+                          title=session.prompt, input_image=session.bundle.thumbnail)  # as run/edit draw it
         if grid not in session.files:
             session.files.append(grid)
 
@@ -532,6 +532,7 @@ def start(settings: UISettings):
                     prevent_thread_lock=True, quiet=True, show_error=False, ssr_mode=False, css=CSS,
                     allowed_paths=[str(settings.out.resolve())], footer_links=[])
     except OSError as exc:
-        raise InputError(f"cannot listen on {settings.host}:{settings.port} ({str(exc).splitlines()[0]}); "
-                         "pass a free --port") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        why = "the port is in use" if why.startswith("Cannot find empty port") else why  # Gradio's words
+        raise InputError(f"cannot listen on {settings.host}:{settings.port}: {why}; pass a free --port") from None
     return demo
