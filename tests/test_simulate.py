@@ -98,7 +98,8 @@ def test_bench_simulate_json_contract(tiny_sd, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(simulate, "SimSettings", lambda: SimSettings(embed_steps=1, tune_steps=1))  # time
 
     with pytest.raises(SystemExit) as done:
-        main(["bench", "--simulate", "--model", str(tiny_sd), "--presets", "8gb", "--resolution", "32",
+        # --debug: the CLI otherwise quiets the libraries' logging for the whole process, which later tests read
+        main(["--debug", "bench", "--simulate", "--model", str(tiny_sd), "--presets", "8gb", "--resolution", "32",
               "--out", str(tmp_path), "--json"])
     assert done.value.code == 0
     result = json.loads(capsys.readouterr().out)
