@@ -65,8 +65,9 @@ EOF
         --presets paper,cpu,24gb,12gb,8gb,6gb,4gb --steps 3 --warmup 1 --cap-gb 4,6,8,12 --fit-matrix
     run timeout 80 $PY benchmarks/run_bench.py --model arch:sdxl --resolution 1024 --no-paper \
         --presets 12gb,8gb --steps 2 --warmup 1 --cap-gb 12,8 --fit-matrix
-    sd15=$(find benchmarks/results -newer "$marker" -name 'bench-cuda-*-sd15-512px-[0-9]*.json' | sort | tail -1)
-    [ -n "$sd15" ] && run $PY benchmarks/calibrate.py --single "$sd15"  # CUDA half/checkpointing factors
+    # simulated beside measured (#17): the shipped `bench --simulate` peaks against the allocator's, and the
+    # card allowance's assumptions (context, reserved/allocated) against this card
+    run $PY benchmarks/sim_check.py $(find benchmarks/results -newer "$marker" -name 'bench-cuda-*.json' | sort)
     new=$(find benchmarks/results -newer "$marker" -name '*.json' | sort)
     run $PY benchmarks/render.py $new
     tar czf "$OUT/gpu-results.tar.gz" $(find benchmarks/results -newer "$marker" -type f | sort)

@@ -1,7 +1,7 @@
 """Render bench results: each JSON becomes a markdown table (.md) and a PNG chart of peak memory per stage and preset
 with 4/6/8/12 GB card lines; fit-*.json files (caps) become a preset x cap table.
 
-Usage: python benchmarks/render.py [--re-estimate] benchmarks/results/bench-*.json [benchmarks/results/fit-*.json]
+Usage: python benchmarks/render.py [--re-simulated] benchmarks/results/bench-*.json [benchmarks/results/fit-*.json]
 """
 
 from __future__ import annotations
@@ -77,18 +77,17 @@ def fit_table(fit: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    re_estimate = "--re-estimate" in argv  # recompute the estimate columns with memory.py's current constants
-    from imagic_lite.bench import add_estimates, render_table
-    from imagic_lite.memory import arch_facts
+    again = "--re-simulated" in argv  # refresh the simulated columns (CUDA results) from the shipped/cached ones
+    from imagic_lite.bench import add_simulated, render_table
 
-    for name in (a for a in argv if a != "--re-estimate"):
+    for name in (a for a in argv if a != "--re-simulated"):
         path = Path(name)
         data = json.loads(path.read_text())
         if "caps" in data:
             write_text_atomic(path.with_suffix(".md"), fit_table(data))
             continue
-        if re_estimate:
-            add_estimates(data, arch_facts(data["model"]))
+        if again:
+            add_simulated(data)
             write_text_atomic(path, json.dumps(data, indent=1) + "\n")
         write_text_atomic(path.with_suffix(".md"), render_table(data))
         chart(data, path.with_suffix(".png"))

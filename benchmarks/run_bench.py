@@ -47,10 +47,10 @@ def show(event: dict) -> None:
 
 
 def run_isolated(args: argparse.Namespace, argv: list[str], cap: float | None, command: str) -> dict:
-    """Each preset in its own process; the parent merges them and adds ratios and estimates, as run_bench does."""
-    from imagic_lite.bench import PAPER, add_estimates, add_ratios, preset_of, projected_seconds
+    """Each preset in its own process; the parent merges them and adds ratios and simulated peaks, as run_bench
+    does."""
+    from imagic_lite.bench import PAPER, add_ratios, add_simulated, preset_of, projected_seconds
     from imagic_lite.config import load_preset
-    from imagic_lite.memory import arch_facts
 
     names = ([PAPER] if not args.no_paper and PAPER not in args.presets.split(",") else []) + args.presets.split(",")
     merged: dict | None = None
@@ -76,7 +76,7 @@ def run_isolated(args: argparse.Namespace, argv: list[str], cap: float | None, c
         if "settings" in entry and entry.get("stages"):
             entry["projected_s"] = projected_seconds(preset_of(entry), entry)
     add_ratios(merged)
-    add_estimates(merged, arch_facts(args.model))
+    add_simulated(merged)
     return merged
 
 

@@ -65,8 +65,9 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 def choose_preset(preset: str | None, vram: str | None, device: torch.device,
                   model: str = DEFAULT_MODEL) -> tuple[Preset, list[str]]:
-    """--preset wins; else --vram N (or auto: free memory against the estimate for `model`) on CUDA; without
-    CUDA the `cpu` preset."""
+    """--preset wins; else on CUDA --vram N (or auto: the free memory) against the simulated whole-run peak of each
+    preset for `model` at its native size (imagic_lite.simulate, cached per architecture); without CUDA the `cpu`
+    preset."""
     notes: list[str] = []
     gb = None if vram in (None, "auto") else _parse_vram(vram)
     if preset:
@@ -76,14 +77,18 @@ def choose_preset(preset: str | None, vram: str | None, device: torch.device,
             preset_for_vram(gb)  # still refuse a budget below every preset
             notes.append("no CUDA device: using the cpu preset (--vram applies to GPUs)")
         return load_preset("cpu"), notes
-    if gb is None:
-        from .memory import arch_facts, auto_vram, choose_preset_for_budget
+    from .memory import auto_vram
+    from .vram import choose_preset_for_card
 
-        free_gb = auto_vram()
-        chosen = choose_preset_for_budget(free_gb, arch_facts(model))
-        notes.append(f"--vram auto: {free_gb:.1f} GB free on the GPU, using preset {chosen.name}")
-        return chosen, notes
-    return preset_for_vram(gb), notes
+    budget = auto_vram() if gb is None else gb
+
+    def simulating(name: str) -> None:
+        notes.append(f"simulated preset {name} for this model (once; cached)")
+
+    chosen, peak = choose_preset_for_card(budget, model, on_miss=simulating)
+    said = f"{budget:.1f} GB free on the GPU" if gb is None else f"{budget:g} GB"
+    notes.append(f"--vram {vram}: {said}; preset {chosen.name} (simulated peak {peak / 2**30:.2f} GiB)")
+    return chosen, notes
 
 
 def _parse_vram(vram: str) -> float:

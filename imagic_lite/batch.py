@@ -335,8 +335,9 @@ class _Runner:
     def _attempt(self, job: Job, folder: Path) -> dict[str, Any]:
         try:
             report = self._fit(job, folder)
-        except Interrupted:
-            raise
+        except Interrupted as exc:  # `run`'s hint (--resume, edit) does not apply: the same batch command continues
+            what = str(exc).split(";")[0]
+            raise Interrupted(f"job {job.name}: {what}; rerun the same command to continue") from None
         except ImagicError as exc:
             return _line(job, "failed", folder, self.state.process_index, exc.exit_code, str(exc))
         except Exception as exc:  # the batch goes on; the line says how to see more
@@ -429,9 +430,10 @@ def complete(folder: Path, job: Job) -> bool:
 
     try:
         report = json.loads((folder / "run.json").read_text())
-        if report.get("prompt") != job.prompt or not all(Path(f).is_file() for f in report["outputs"]):
+        # by name inside the folder: the recorded paths are relative to wherever the first run started
+        if report.get("prompt") != job.prompt or not all((folder / Path(f).name).is_file() for f in report["outputs"]):
             return False
-        load_bundle(report["bundle"])
+        load_bundle(folder / Path(report["bundle"]).name)
     except (OSError, ValueError, KeyError, TypeError, ImagicError):
         return False
     return True

@@ -3,7 +3,8 @@ memory, seconds per step and the projected full run, each also as a ratio to the
 
 Result layout (one JSON document, `SCHEMA` below): `env`, run settings, and `presets[name]` with `stages[S]` for
 S in encode/A/B/C = {fit, error, label, peak_bytes, reserved_bytes, start_bytes, wall_s, s_per_step, it_per_s,
-steps_timed, estimate_bytes, estimate_error}, plus `projected_s` and `ratios` (to `paper`; None where it did not fit).
+steps_timed, simulated_bytes, simulated_error}, plus `projected_s` and `ratios` (to `paper`; None where it did
+not fit).
 Timing: a progress callback stamps `time.perf_counter()` after every step; s/step is the mean over the steps after
 the first `warmup` ones (stage C also reports `decode_s`, the VAE decode after its last step).
 """
@@ -28,7 +29,7 @@ import torch
 from .config import Preset, apply_overrides, load_preset
 from .errors import InputError, OutOfMemory
 from .files import atomic_path
-from .memory import GiB, PeakMemory, arch_facts, estimate, estimate_constants
+from .memory import GiB, PeakMemory
 
 SCHEMA = 1
 PAPER = "paper"
@@ -193,19 +194,21 @@ def add_ratios(result: dict) -> None:
         entry["ratios"] = ratios
 
 
-def add_estimates(result: dict, facts) -> None:
-    """The memory estimate beside each measurement, and its relative error (estimate / measured - 1)."""
-    device = result["env"]["device"]
-    result["estimate_constants"] = estimate_constants()
+def add_simulated(result: dict) -> None:
+    """On CUDA results: the simulated peak (imagic_lite.simulate, from the shipped table or the user cache only; a
+    bench never starts a simulation) beside each measured one, and simulated / measured - 1."""
+    if result["env"]["device"] != "cuda":
+        return  # CPU peak RSS is not what the simulation predicts
+    from .vram import cached_entry
+
     for entry in result["presets"].values():
         if "side" not in entry:
             continue
-        est = estimate(preset_of(entry), facts, entry["side"], entry["side"], device=device)
+        sim = cached_entry(result["model"], preset_of(entry), entry["side"])
         for stage, rec in entry["stages"].items():
-            if stage in est:
-                total = est[stage]["total"] - (est[stage]["overhead"] if device == "cuda" else 0)
-                rec["estimate_bytes"] = total  # CUDA: compare with the allocator peak, so no context
-                rec["estimate_error"] = total / rec["peak_bytes"] - 1 if rec.get("fit") else None
+            simulated = None if sim is None else sim["stages"][stage]["peak_allocated_bytes"]
+            rec["simulated_bytes"] = simulated
+            rec["simulated_error"] = simulated / rec["peak_bytes"] - 1 if simulated and rec.get("fit") else None
 
 
 def environment(device: torch.device, command: str) -> dict[str, Any]:
@@ -284,7 +287,7 @@ def run_bench(model: str, presets: list[str], resolution: int | None, steps: int
         if result["cap_applied"]:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
     add_ratios(result)
-    add_estimates(result, arch_facts(model))
+    add_simulated(result)
     return result
 
 
@@ -336,7 +339,8 @@ def render_table(result: dict) -> str:
         *[f"On this device {name} ran with {k} = {v}." for name, e in result["presets"].items()
           for k, v in e.get("overrides", {}).items()],
         "",
-        "| preset | stage | fit | peak GiB | x paper | estimate GiB | est. error | s/step | x paper | projected run |",
+        "| preset | stage | fit | peak GiB | x paper | simulated GiB | sim. error | s/step | x paper | projected run "
+        "|",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in result["presets"].items():
@@ -346,15 +350,11 @@ def render_table(result: dict) -> str:
         for stage, rec in entry.get("stages", {}).items():
             ratio = entry.get("ratios", {}).get(stage, {})
             run = f"{_fmt(total, 's')} s ({_fmt(entry['ratios']['projected_total'], 'x')})" if stage == "C" else ""
-            cells = [(rec["peak_bytes"], "gib"), (ratio.get("peak"), "x"), (rec.get("estimate_bytes"), "gib"),
-                     (rec.get("estimate_error"), "pct"), (rec.get("s_per_step"), "s"), (ratio.get("s_per_step"), "x")]
+            cells = [(rec["peak_bytes"], "gib"), (ratio.get("peak"), "x"), (rec.get("simulated_bytes"), "gib"),
+                     (rec.get("simulated_error"), "pct"), (rec.get("s_per_step"), "s"), (ratio.get("s_per_step"), "x")]
             row = " | ".join(_fmt(v, kind) for v, kind in cells)
             lines.append(f"| {name} | {stage} | {'yes' if rec['fit'] else 'no'} | {row} | {run} |")
-    by_source: dict[str, list[str]] = {}
-    for key, source in result.get("estimate_constants", {}).get("sources", {}).items():
-        by_source.setdefault(source, []).append(key)
-    if by_source:
-        said = "; ".join(f"{', '.join(keys)}: {src}" for src, keys in by_source.items())
-        lines += ["", f"Estimate constants (imagic_lite.memory) - {said}. On CUDA the estimate leaves out the "
-                  "context, to compare with the allocator's peak."]
+    if result["env"]["device"] == "cuda":
+        lines += ["", "simulated = `imagic-lite bench --simulate` for the same settings (shipped or cached; '-' where "
+                  "none was), against CUDA max_memory_allocated; sim. error = simulated / measured - 1."]
     return "\n".join(lines) + "\n"

@@ -382,7 +382,8 @@ def edit(ctx: click.Context, bundle_path: Path, model: str | None, vram: str | N
     params = edit_params(imagic, prompt, bundle_path.name, sample)
     choice = imagic.eta_choice.to_dict() if imagic.eta_choice else None
     with _disk_full_says_need(_output_bytes(imagic, len(samples), bundle=False)):
-        files = write_samples(out, stem, samples, params, title=prompt, auto_eta=choice)
+        files = write_samples(out, stem, samples, params, title=prompt, input_image=bundle.thumbnail,
+                              auto_eta=choice)
         report = {**imagic.report(), "prompt": prompt, "bundle": str(bundle_path),
                   "outputs": [str(f) for f in files]}
         report["preset"]["sample"] = sample.__dict__
@@ -511,60 +512,93 @@ def bench(ctx: click.Context, model: str, preset_list: str, resolution: int | No
         click.echo(f"results: {path}")
 
 
+def _simulating(ctx: click.Context, console, name: str, model: str) -> None:
+    _quiet_libraries(ctx.obj["debug"])
+    console.print(f"simulating preset {name} for {model} (first time for this architecture and size; cached after)")
+
+
 def _bench_simulated(model: str, preset_list: str, resolution: int | None, out: Path, json_out: bool) -> None:
-    from . import simulate
+    from . import simulate, vram
+    from .files import write_text_atomic
 
     names = [p.strip() for p in preset_list.split(",") if p.strip()]
     console = _console()
+    path: list[Path] = []
 
-    def said(event: dict) -> None:
+    def said(event: dict) -> None:  # the results file grows preset by preset: a long run killed keeps what it did
+        result = event["result"]
+        path[:] = [vram.write_results(result, out)]
+        write_text_atomic(path[0].with_suffix(".md"), vram.render_table(result))
         if not json_out:
             console.print(f"simulated {event['preset']}: {event['peak_allocated_bytes'] / 2**30:.2f} GiB at the peak "
-                          f"(stage {event['peak_stage']})")
+                          f"(stage {event['peak_stage']}); {path[0]}")
 
     result = simulate.simulate_presets(model, names, resolution, command=" ".join(["imagic-lite", *sys.argv[1:]]),
                                        on_event=said)
-    path = simulate.write_results(result, out)
     if json_out:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
-        click.echo(simulate.render_table(result))
-        click.echo(f"results: {path}")
+        click.echo(vram.render_table(result))
+        click.echo(f"results: {path[0]}")
 
 
 @cli.command(name="presets", epilog=EXIT_HELP)
+@click.option("--model", default="arch:sd15", show_default=True, help="The model to size the presets for.")
+@click.option("--resolution", type=int, help="Pixels per side (default: the model's native resolution).")
+@click.option("--simulate", is_flag=True, help="Simulate the presets that have no simulation yet for this model "
+              "and size (a minute or more each on a laptop CPU; cached afterwards).")
 @click.option("--json", "json_out", is_flag=True, help="Print as JSON.")
-def presets_command(json_out: bool) -> None:
-    """The shipped presets, their knobs, estimated and measured peak memory."""
+@click.pass_context
+def presets_command(ctx: click.Context, model: str, resolution: int | None, simulate: bool, json_out: bool) -> None:
+    """The shipped presets, their knobs, and each one's simulated peak GPU memory for MODEL (what --vram uses)."""
     from .config import all_presets
-    from .memory import arch_facts, estimate, measured_peaks
+    from .memory import measured_peaks
+    from .vram import cached_entry, card_need, simulate_cached, whole_run
 
-    facts = arch_facts("arch:sd15")
-    measured = measured_peaks(Path("benchmarks/results"))  # CUDA runs only: CPU peak RSS is not VRAM
+    console = _console()
+    measured = measured_peaks(Path("benchmarks/results"), model)  # CUDA runs only: CPU peak RSS is not VRAM
     rows = []
     for p in sorted(all_presets(), key=lambda p: (p.vram_gb is None, p.vram_gb or 0, p.name)):
-        est = {stage: parts["total"] for stage, parts in estimate(p.for_family("sd"), facts, 512, 512).items()}
-        rows.append({"name": p.name, "vram_gb": p.vram_gb, "description": p.description,
-                     "memory": p.memory.__dict__, "tune": p.tune.mode, "optimizer": p.tune.optimizer,
-                     "estimate_sd15_512": est, "measured_cuda": measured.get(p.name, {})})
+        if simulate:
+            entry = simulate_cached(model, p, resolution, on_miss=lambda n: _simulating(ctx, console, n, model))
+        else:
+            entry = cached_entry(model, p, resolution)
+        row = {"name": p.name, "vram_gb": p.vram_gb, "description": p.description, "memory": p.memory.__dict__,
+               "tune": p.tune.mode, "optimizer": p.tune.optimizer, "measured_cuda": measured.get(p.name, {}),
+               "simulated": None, "simulated_peak_bytes": None, "peak_stage": None, "card_need_bytes": None}
+        if entry is not None:
+            run = whole_run(entry)
+            stages = {s: r["peak_allocated_bytes"] for s, r in entry["stages"].items()}
+            row.update(side=entry["side"], simulated=stages, simulated_peak_bytes=run["peak_allocated_bytes"],
+                       peak_stage=run["peak_stage"],
+                       card_need_bytes=card_need(run["peak_allocated_bytes"]))
+        rows.append(row)
     if json_out:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     from rich.table import Table
 
-    table = Table(title="presets: stage B peak GPU memory, SD 1.5 at 512", caption="est. = the memory model's "
-                  "estimate; measured = a CUDA `imagic-lite bench` result, where one exists. --json has all stages.")
-    for col in ("name", "card", "weights", "storage", "ckpt", "optimizer", "est. B", "measured B"):
+    side = next((r["side"] for r in rows if "side" in r), resolution)
+    missing = [r["name"] for r in rows if r["simulated"] is None]
+    table = Table(title=f"presets: simulated peak GPU memory, {model}" + (f" at {side} px" if side else ""),
+                  caption="peak = the largest stage peak of a whole run, simulated on fake tensors "
+                          "(`imagic-lite bench --simulate`); needs = peak x 1.15 + 0.5 GiB (allocator and CUDA "
+                          "context, assumed). --vram picks the fastest preset whose need fits.")
+    for col in ("name", "card", "weights", "storage", "ckpt", "optimizer", "peak", "stage", "needs", "measured"):
         table.add_column(col, no_wrap=True)
     for r in rows:
-        est_b = r["estimate_sd15_512"].get("B")
-        meas_b = r["measured_cuda"].get("B")
+        meas = max(r["measured_cuda"].values()) if r["measured_cuda"] else None
+        peak, need = r["simulated_peak_bytes"], r["card_need_bytes"]
         table.add_row(
             r["name"], f"{r['vram_gb']:g} GB" if r["vram_gb"] else "-", r["memory"]["weights"],
             r["memory"]["storage"], "yes" if r["memory"]["checkpointing"] else "no", r["optimizer"],
-            f"{est_b / 2**30:.2f} GiB" if est_b else "-", f"{meas_b / 2**30:.2f} GiB" if meas_b else "-",
+            f"{peak / 2**30:.2f} GiB" if peak else "-", r["peak_stage"] or "-",
+            f"{need / 2**30:.1f} GiB" if need else "-", f"{meas / 2**30:.2f} GiB" if meas else "-",
         )
     _console(stderr=False).print(table)
+    if missing:
+        console.print(f"not simulated yet for this model and size: {', '.join(missing)} (add --simulate; --vram "
+                      "simulates what it needs by itself)")
 
 
 @cli.command(name="batch", epilog=EXIT_HELP + " In `batch`, 0 means every job is done or was already; 2 a bad "

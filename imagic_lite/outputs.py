@@ -56,8 +56,9 @@ def sample_name(stem: str, eta: float, seed: int) -> str:
 
 
 def write_samples(out: Path, stem: str, samples: list, params: dict[str, Any], title: str,
-                  auto_eta: dict[str, Any] | None = None) -> list[Path]:
-    """One PNG per sample carrying its parameters, and a seeds x etas grid whose name contains `grid`.
+                  input_image=None, auto_eta: dict[str, Any] | None = None) -> list[Path]:
+    """One PNG per sample carrying its parameters, and a seeds x etas grid whose name contains `grid` (with
+    `input_image`, the input as the model saw it in a first column, to compare each edit with).
 
     With `auto_eta` (EtaChoice.to_dict()) every PNG also carries the choice and its scores (each image whether it
     is the chosen one), and the grid marks the chosen eta's column."""
@@ -66,7 +67,7 @@ def write_samples(out: Path, stem: str, samples: list, params: dict[str, Any], t
                   "auto_eta_scores": json.dumps(auto_eta["scores"], sort_keys=True)}
     paths = [write_sample(out, stem, s, params, marked=auto_eta is not None) for s in samples]
     chosen = auto_eta["eta"] if auto_eta is not None else None
-    return [*paths, write_grid(out, stem, samples, params, title, chosen=chosen)]
+    return [*paths, write_grid(out, stem, samples, params, title, input_image, chosen=chosen)]
 
 
 def write_sample(out: Path, stem: str, sample, params: dict[str, Any], marked: bool = False) -> Path:
@@ -79,10 +80,11 @@ def write_sample(out: Path, stem: str, sample, params: dict[str, Any], marked: b
     return path
 
 
-def write_grid(out: Path, stem: str, samples: list, params: dict[str, Any], title: str,
+def write_grid(out: Path, stem: str, samples: list, params: dict[str, Any], title: str, input_image=None,
                chosen: float | None = None) -> Path:
-    """The seeds x etas grid; a (seed, eta) not sampled (the web page samples one at a time) stays white; the
-    `chosen` eta's column is labelled "(auto)"."""
+    """The seeds x etas grid; a (seed, eta) not sampled (the web page samples one at a time) stays white. With
+    `input_image`, a first column "input" holds it (first row) beside the edits; the `chosen` eta's column is
+    labelled "(auto)"."""
     from PIL import Image
 
     from .images import make_grid, save_png
@@ -92,8 +94,12 @@ def write_grid(out: Path, stem: str, samples: list, params: dict[str, Any], titl
     by_key = {(s.seed, s.eta): s.image for s in samples}
     blank = Image.new("RGB", samples[0].image.size, "white")
     rows = [[by_key.get((seed, eta), blank) for eta in etas] for seed in seeds]
-    labels = [f"eta {e:g}" + (" (auto)" if e == chosen else "") for e in etas]
-    grid = make_grid(rows, [f"seed {s}" for s in seeds], labels, title=title)
+    columns = [f"eta {e:g}" + (" (auto)" if e == chosen else "") for e in etas]
+    if input_image is not None:
+        shown = input_image.convert("RGB").resize(blank.size)
+        rows = [[shown if r == 0 else blank, *row] for r, row in enumerate(rows)]
+        columns = ["input", *columns]
+    grid = make_grid(rows, [f"seed {s}" for s in seeds], columns, title=title)
     path = out / f"{stem}_grid.png"
     save_png(path, grid, params)
     return path
@@ -139,8 +145,12 @@ def fit_and_write(imagic, image, prompt: str, stem: str, out: Path, *, seed: int
     if fitted is not None:
         fitted()
     samples = imagic.generate(progress=progress, stop=stop, auto_eta=auto_eta)
+    from .images import prepare
+
+    c = imagic.components
     choice = imagic.eta_choice.to_dict() if imagic.eta_choice else None
-    files = write_samples(out, stem, samples, run_params(imagic, prompt, seed), title=prompt, auto_eta=choice)
+    files = write_samples(out, stem, samples, run_params(imagic, prompt, seed), title=prompt,
+                          input_image=prepare(image, c.native, c.multiple), auto_eta=choice)
     report = {**imagic.report(), "prompt": prompt, "input": str(image.size), "bundle": str(bundle_path),
               "bundle_bytes": size, "outputs": [str(f) for f in files]}
     run_json = write_run_json(out, report)

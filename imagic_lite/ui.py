@@ -205,7 +205,7 @@ class Workbench:
             session.samples.append((s, path))
         session.samples.sort(key=lambda sp: (sp[0].seed, sp[0].eta))
         grid = write_grid(session.out, session.stem, [s for s, _ in session.samples], session.params,
-                          title=session.prompt)
+                          title=session.prompt, input_image=session.bundle.thumbnail)  # as run/edit draw it
         if grid not in session.files:
             session.files.append(grid)
 

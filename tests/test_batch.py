@@ -155,7 +155,7 @@ def test_a_job_stopped_mid_stage_resumes_to_the_same_pixels(single, tiny_sd, tmp
             stop.set()
 
     out = tmp_path / "out"
-    with pytest.raises(Interrupted, match="stopped in stage B at step 1"):
+    with pytest.raises(Interrupted, match="job b: stopped in stage B at step 1; rerun the same command"):
         run_batch(read_jobs(only_b, settings), out, settings, state=process_state(), stop=stop, events=events)
     assert (out / "b" / "checkpoint.imagic-resume.safetensors").is_file()
     assert not (out / "b" / "run.json").exists() and not list(out.glob("**/*.tmp"))
@@ -192,3 +192,36 @@ def test_two_gloo_processes_match_one_process_and_run(single, tiny_sd, tmp_path)
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in run_out.glob("*.png")} == _images(reference, "e")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_both_processes_and_a_rerun_finishes_the_same(single, tiny_sd, tmp_path):
+    """Ctrl-C (SIGINT to the launch's process group) under torchrun: both processes stop, nothing half-written;
+    the same command then finishes every job (resuming any checkpointed one) with the same pixels as one process."""
+    import signal
+
+    jobs, reference, _, _ = single
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "imagic_lite", "batch",
+               str(jobs), "--out", str(out), "--model", str(tiny_sd), *FLAGS, "--quiet"]
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 600
+    while not ((out / "a").is_dir() or (out / "b").is_dir()):  # a job has started: its process is in the stages
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "rerun the same command" in stderr, stderr[-2000:]
+    assert not list(out.glob("**/*.tmp")) and not (out / "summary.csv").exists()
+    checkpointed = {p.parent.name for p in out.glob("*/checkpoint.imagic-resume.safetensors")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert "2 of 6 jobs failed" in done.stderr, done.stderr[-2000:]
+    summary = _summary(out)
+    assert {n: "done" if line["status"] == "skipped" else line["status"] for n, line in summary.items()} == STATUSES
+    for name in ("a", "b", "e", "f"):
+        assert _images(out, name) == _images(reference, name)
+    for name in checkpointed:
+        assert any(n.startswith("resuming stage") for n in json.loads((out / name / "run.json").read_text())["notes"])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from imagic_lite import simulate
+from imagic_lite import simulate, vram
 from imagic_lite.config import load_preset
 from imagic_lite.simulate import LiveBytes, SimSettings
 
@@ -71,6 +71,10 @@ def test_stand_in_holds_what_bitsandbytes_stores(kind):
         layout = (simulate.nf4_bytes if kind == "nf4" else simulate.int8_bytes)(rows, cols)
         stand_in = sum(torch.empty(shape, dtype=dtype).nbytes for shape, dtype in layout.values())
         assert stand_in == real
+    stored = simulate.StoredLinear(nn.Linear(320, 640), kind, torch.bfloat16)
+    held = sum(t.nbytes for t in (*stored.parameters(), *stored.buffers()))
+    layout = (simulate.nf4_bytes if kind == "nf4" else simulate.int8_bytes)(640, 320)
+    assert held == sum(torch.empty(s, dtype=d).nbytes for s, d in layout.values()) + 640 * 2  # + the bf16 bias
 
 
 def test_real_and_fake_tensors_give_the_same_peaks(tiny_sd):
@@ -80,7 +84,7 @@ def test_real_and_fake_tensors_give_the_same_peaks(tiny_sd):
     preset = load_preset("4gb")
     real = simulate.measure_real(str(tiny_sd), preset, 32, settings)
     fake = simulate.simulate_preset(str(tiny_sd), preset, 32, settings, host="cpu")
-    for stage in simulate.STAGES:
+    for stage in vram.STAGES:
         r, f = real["stages"][stage], fake["stages"][stage]
         assert f["peak_allocated_bytes"] == pytest.approx(r["peak_allocated_bytes"], rel=0.01), stage
         assert f["flops"] == r["flops"] > 0, stage
@@ -94,12 +98,13 @@ def test_bench_simulate_json_contract(tiny_sd, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(simulate, "SimSettings", lambda: SimSettings(embed_steps=1, tune_steps=1))  # time
 
     with pytest.raises(SystemExit) as done:
-        main(["bench", "--simulate", "--model", str(tiny_sd), "--presets", "8gb", "--resolution", "32",
+        # --debug: the CLI otherwise quiets the libraries' logging for the whole process, which later tests read
+        main(["--debug", "bench", "--simulate", "--model", str(tiny_sd), "--presets", "8gb", "--resolution", "32",
               "--out", str(tmp_path), "--json"])
     assert done.value.code == 0
     result = json.loads(capsys.readouterr().out)
     stages = result["presets"]["8gb"]["stages"]
-    assert set(stages) == set(simulate.STAGES)
+    assert set(stages) == set(vram.STAGES)
     for rec in stages.values():
         assert isinstance(rec["peak_allocated_bytes"], int) and rec["peak_allocated_bytes"] > 0
         assert sum(rec["parts_at_peak"].values()) == rec["peak_allocated_bytes"]
@@ -107,3 +112,57 @@ def test_bench_simulate_json_contract(tiny_sd, tmp_path, capsys, monkeypatch):
     assert verdict["peak_allocated_bytes"] == max(r["peak_allocated_bytes"] for r in stages.values())
     assert verdict["projected_s"]["T4"]["total"] >= verdict["projected_s"]["H100"]["total"]
     assert list(tmp_path.glob("sim-*.json"))
+
+
+def _entry(peak_gib: float, stage: str = "B") -> dict:
+    stages = {s: {"peak_allocated_bytes": int(0.5 * 2**30), "largest_transient": {"bytes": 1, "op": "x", "where": ""}}
+              for s in vram.STAGES}
+    stages[stage]["peak_allocated_bytes"] = int(peak_gib * 2**30)
+    return {"stages": stages}
+
+
+def test_vram_choice_takes_the_fastest_preset_whose_simulated_run_fits(monkeypatch):
+    from imagic_lite.errors import ConfigError
+
+    peaks = {"24gb": 13.0, "12gb": 7.0, "8gb": 3.2, "6gb": 2.5, "4gb": 1.5}
+    monkeypatch.setattr(vram, "simulate_cached", lambda model, p, res=None, on_miss=None: _entry(peaks[p.name]))
+    choose = vram.choose_preset_for_card
+    assert choose(80, "arch:sd15")[0].name == "24gb"
+    assert choose(12, "arch:sd15")[0].name == "12gb"  # 7 x 1.15 + 0.5 = 8.55 GiB
+    assert choose(8, "arch:sd15")[0].name == "8gb"
+    assert choose(4, "arch:sd15") == (load_preset("6gb"), int(2.5 * 2**30))  # 2.5 x 1.15 + 0.5 = 3.4 GiB
+    with pytest.raises(ConfigError, match="below what every preset needs"):
+        choose(2, "arch:sd15")
+
+
+def test_cache_is_keyed_by_architecture_side_and_settings(tmp_path, monkeypatch, tiny_sd):
+    monkeypatch.setenv("IMAGIC_LITE_CACHE_DIR", str(tmp_path))
+    runs = []
+    monkeypatch.setattr("imagic_lite.simulate.simulate_preset",
+                        lambda model, p, side, settings=None, host="meta": runs.append((p.name, side)) or _entry(1))
+    vram.simulate_cached(str(tiny_sd), load_preset("8gb"), 64)
+    vram.simulate_cached(str(tiny_sd), load_preset("8gb"), 64)  # cached
+    vram.simulate_cached(str(tiny_sd), load_preset("8gb"), 32)
+    vram.simulate_cached(str(tiny_sd), load_preset("4gb"), 64)
+    assert runs == [("8gb", 64), ("8gb", 32), ("4gb", 64)]
+    assert len(list((tmp_path / "simulated").glob("*.json"))) == 3
+    fingerprint = vram.config_fingerprint(tiny_sd)
+    assert fingerprint == vram.config_fingerprint(tiny_sd) and len(fingerprint) == 16
+
+
+def test_presets_reads_the_shipped_simulations_and_starts_none(capsys, monkeypatch):
+    from imagic_lite.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("presets must not simulate without --simulate")
+
+    monkeypatch.setattr("imagic_lite.simulate.simulate_preset", refuse)
+    with pytest.raises(SystemExit) as done:
+        main(["presets", "--json"])
+    assert done.value.code == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    shipped = [r for r in rows.values() if r["simulated_peak_bytes"]]
+    assert shipped, "the package ships simulations for arch:sd15 at 512 px"
+    for r in shipped:
+        assert r["side"] == 512 and r["card_need_bytes"] > r["simulated_peak_bytes"]
+        assert r["simulated_peak_bytes"] == max(r["simulated"].values())

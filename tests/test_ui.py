@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from imagic_lite.cli import main
-from imagic_lite.errors import BundleError, InputError
+from imagic_lite.errors import BundleError, InputError, Interrupted
 from imagic_lite.images import read_png_params
 from imagic_lite.progress import StageLog
 from imagic_lite.ui import INSTALL_HINT, UISettings, Workbench, fresh_dir, one_line, page_overrides, stages_html
@@ -128,6 +128,22 @@ def test_workbench_trains_renders_and_reopens(tiny_sd, photo, tmp_path):
     bench.end()
     assert [(s.eta, s.seed) for s, _ in session.samples] == [(0.5, 0), (1.0, 0), (0.75, 3)]
     assert read_png_params(out / "photo_eta0.75_seed3.png")["sample_steps"] == 3
+    before = np.asarray(Image.open(out / "photo_eta0.75_seed3.png"))
+
+    class StopInB(StageLog):  # the Stop button, pressed at stage B's second step
+        def __call__(self, event):
+            super().__call__(event)
+            if event["stage"] == "B" and event["step"] == 2:
+                stop.set()
+
+    stop = bench.begin("tab-2")
+    with pytest.raises(Interrupted, match="stopped in stage B"):
+        bench.train(image, photo, "a cat", (str(tiny_sd), "cpu", None), {"embed": {"steps": 1}, "tune": {"steps": 50}},
+                    5e-2, 1, StopInB(), stop)
+    bench.end()
+    bench.render(session, 0.75, 3, 3, None, StageLog(), bench.begin("tab-1"))  # the stopped run's half-trained
+    bench.end()  # adapter must not leak into another edit's pixels
+    assert np.array_equal(np.asarray(Image.open(out / "photo_eta0.75_seed3.png")), before)
 
     again = bench.open(out / "photo.imagic.safetensors", "photo.imagic.safetensors", "cpu", None, StageLog(),
                        bench.begin("tab-2"))
