@@ -54,3 +54,42 @@ def photo(tmp_path) -> Path:
     path = tmp_path / "photo.png"
     image.save(path)
     return path
+
+
+def _library_logging() -> tuple:
+    import logging
+
+    import diffusers
+    import transformers
+
+    return (logging.getLogger("bitsandbytes").level, diffusers.utils.logging.get_verbosity(),
+            transformers.utils.logging.get_verbosity(), diffusers.utils.logging.is_progress_bar_enabled(),
+            transformers.utils.logging.is_progress_bar_enabled())
+
+
+def _set_library_logging(saved: tuple) -> None:
+    import logging
+
+    import diffusers
+    import transformers
+
+    logging.getLogger("bitsandbytes").setLevel(saved[0])
+    diffusers.utils.logging.set_verbosity(saved[1])
+    transformers.utils.logging.set_verbosity(saved[2])
+    for module, enabled in ((diffusers, saved[3]), (transformers, saved[4])):
+        (module.utils.logging.enable_progress_bar if enabled else module.utils.logging.disable_progress_bar)()
+
+
+@pytest.fixture(scope="session")
+def _library_logging_baseline() -> tuple:
+    return _library_logging()
+
+
+@pytest.fixture(autouse=True)
+def _library_logging_restored(_library_logging_baseline):
+    """The CLI quiets library loggers for its whole process (cli._quiet_libraries); tests call it in-process, and
+    module-scoped fixtures run it before a test's own fixtures: so each test starts and ends with the loggers as the
+    session found them, whatever ran earlier."""
+    _set_library_logging(_library_logging_baseline)
+    yield
+    _set_library_logging(_library_logging_baseline)
