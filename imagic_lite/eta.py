@@ -29,15 +29,17 @@ class AutoEtaSettings:
     timesteps: tuple[float, ...] = (0.35, 0.55, 0.75)  # judge timesteps, as fractions of the training schedule
     noises: int = 2  # noise draws per timestep (the same draws for every image and text)
     seed: int = 0  # of those draws: the choice reproduces for a bundle
-    fraction: float = 0.75  # the knee: the smallest eta whose alignment gain reaches this share of the best gain
+    fraction: float = 0.75  # the knee (CLIP, or no eta judged past zero): the smallest eta reaching this share of
+    # the best alignment gain over eta 0
+    past: int = 1  # then this many tried etas further, so the edit is clearly made (dev suites: README)
 
     def __post_init__(self) -> None:
         if not (self.judge == "diffusion" or self.judge.startswith("clip:") and len(self.judge) > 5):
             raise ConfigError(f"--auto-eta takes nothing (the built-in judge) or clip:PATH, got {self.judge!r}")
         if not self.timesteps or not all(0 < t < 1 for t in self.timesteps):
             raise ConfigError("auto-eta timesteps must be fractions in (0, 1)")
-        if not 1 <= self.noises <= 64 or not 0 < self.fraction <= 1:
-            raise ConfigError("auto-eta needs noises 1..64 and a fraction in (0, 1]")
+        if not 1 <= self.noises <= 64 or not 0 < self.fraction <= 1 or not 0 <= self.past <= 8:
+            raise ConfigError("auto-eta needs noises 1..64, a fraction in (0, 1] and past 0..8")
 
 
 @dataclass(frozen=True)
@@ -159,27 +161,47 @@ def knee(scores: dict[float, dict[str, float]], fraction: float) -> tuple[float,
     return next(e for e in tried if scores[e]["alignment"] >= threshold), threshold
 
 
+def pick(scores: dict[float, dict[str, float]], settings: AutoEtaSettings, decides: bool) -> tuple[float, str]:
+    """The rule: the first tried eta > 0 the judge counts as edited, then `settings.past` tried etas further.
+
+    With a judge whose zero is a decision (`decides`: the diffusion judge, a classifier between the target text and
+    the embedding that reconstructs the photo) "edited" is the first alignment above zero; otherwise (CLIP), or if
+    no tried eta gets there, the knee. Why a step past it: where the judge first flips, edits are often half made
+    (shapes half moved, hues halfway); one step further scored best on the dev suites (README). Returns the eta and
+    the reason in words."""
+    tried = sorted(e for e in scores if e != 0.0)
+    first = next((e for e in tried if scores[e]["alignment"] > 0), None) if decides else None
+    if first is not None:
+        why = (f"eta {first:g} is the first the base model judges closer to the target text than to the photo "
+               f"(alignment {scores[first]['alignment']:.4g} > 0)")
+    else:
+        first, threshold = knee(scores, settings.fraction)
+        why = (("no tried eta is judged closer to the target text than to the photo; " if decides else "")
+               + f"eta {first:g} is the first whose alignment ({scores[first]['alignment']:.4g}) reaches "
+               f"{settings.fraction:g} of the way from eta 0 ({scores[0.0]['alignment']:.4g}) to the best tried "
+               f"(threshold {threshold:.4g})")
+    eta = tried[min(len(tried) - 1, tried.index(first) + settings.past)]
+    if eta != first:
+        why += f"; then {settings.past} tried eta(s) further, so the edit is clearly made: eta {eta:g}"
+    return eta, why
+
+
 def choose_eta(c: Components, e_tgt: Cond, e_opt: Cond, uncond: Cond, sample: SampleSettings, height: int,
                width: int, samples: list[Sample], judge: Judge, judge_calls: int, judge_name: str,
                settings: AutoEtaSettings, *, progress: Progress = _no_progress, stop: StopFlag | None = None,
                original: tuple[int, int] | None = None) -> EtaChoice:
     """After stage C rendered `samples` (the grid), judge them and eta 0 (the bundle's reconstruction of the
-    photo: the judge's zero, rendered here and not kept) and choose the knee.
+    photo: the judge's reference, rendered here and not kept) and pick (`pick`).
 
-    Why the knee and not the best score: the judge's alignment jumps where the edit happens and then still creeps
-    up while the image drifts from the photo (hue past the target colour, shapes moving); why no finer search
-    around it: the crossing point itself is where edits are half done (measurements in README)."""
+    Why no finer search between the tried etas: the rule's "one step further" is a margin, not a point to refine;
+    the grid's spacing sets it (measurements in README)."""
     zero = generate(c, e_tgt, e_opt, uncond, replace(sample, etas=(0.0,)), height, width, progress=progress,
                     stop=stop, original=original)
     judged = [*zero, *samples]
     scores = _by_eta(judged, judge(judged))
-    eta, threshold = knee(scores, settings.fraction)
+    eta, reason = pick(scores, settings, decides=settings.judge == "diffusion")
     calls = len(sample.seeds) * 2 * sample.steps + len(judged) * judge_calls  # stage C runs uncond + cond
-    reason = (f"the smallest tried eta whose alignment ({scores[eta]['alignment']:.4g}) reaches {settings.fraction:g} "
-              f"of the way from eta 0 ({scores[0.0]['alignment']:.4g}) to the best tried (threshold {threshold:.4g})")
     return EtaChoice(eta, judge_name, reason, scores, calls)
-
-
 
 
 def clip_judge(path: str, prompt: str, device: torch.device) -> tuple[Judge, str, int]:

@@ -11,7 +11,7 @@ import torch
 from test_cli import FAST, assert_one_line_error, invoke
 
 from imagic_lite.config import EmbedSettings, SampleSettings
-from imagic_lite.eta import AutoEtaSettings, base_judge, choose_eta, diffusion_judge, knee
+from imagic_lite.eta import AutoEtaSettings, base_judge, choose_eta, diffusion_judge, knee, pick
 from imagic_lite.images import read_png_params, to_tensor
 from imagic_lite.imagic import Sample, generate, optimize_embedding
 from imagic_lite.lora import add_lora, has_lora
@@ -83,6 +83,21 @@ def test_knee_takes_the_smallest_eta_past_the_fraction():
     assert knee(scores, 0.5)[0] == 0.8
     flat = {0.0: {"alignment": 1.0}, 0.6: {"alignment": 0.2}, 0.8: {"alignment": 0.1}}
     assert knee(flat, 0.8)[0] == 0.6  # nothing moved toward the target: the least changed image
+
+
+def test_pick_steps_one_tried_eta_past_the_judges_flip():
+    scores = {0.0: {"alignment": -2.0}, 0.6: {"alignment": -1.8}, 0.8: {"alignment": 0.5},
+              1.0: {"alignment": 1.2}, 1.2: {"alignment": 1.4}}
+    settings = AutoEtaSettings()
+    eta, why = pick(scores, settings, decides=True)
+    assert eta == 1.0 and "eta 0.8 is the first" in why and "1 tried eta(s) further" in why
+    assert pick(scores, AutoEtaSettings(past=0), decides=True)[0] == 0.8
+    assert pick(scores, AutoEtaSettings(past=5), decides=True)[0] == 1.2  # never past the largest tried
+    # no natural zero (CLIP), or nothing judged past it: the knee (0.75 of the way: threshold 0.55 -> 1.0), then a step
+    assert pick(scores, settings, decides=False)[0] == 1.2
+    below = {e: {"alignment": s["alignment"] - 10} for e, s in scores.items()}
+    eta, why = pick(below, settings, decides=True)
+    assert eta == 1.2 and why.startswith("no tried eta is judged closer")
 
 
 def test_search_is_deterministic_for_a_seed(tiny_sd):
