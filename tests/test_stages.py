@@ -45,8 +45,8 @@ def test_stage_a_lowers_loss_and_leaves_unet_untouched(tiny_models, kind):
     c = _load(tiny_models[kind])
     enc = encode(c, _pixels(), "a red disc")
     before = _base_state(c.unet)
-    e_opt, losses = optimize_embedding(c, enc.latent, enc.e_tgt, EmbedSettings(steps=30, lr=0.05, noise_draws=4))
-    assert len(losses) == 30
+    e_opt, losses = optimize_embedding(c, enc.latent, enc.e_tgt, EmbedSettings(steps=15, lr=0.1, noise_draws=4))
+    assert len(losses) == 15
     assert _eval_loss(c, enc.latent, e_opt) < _eval_loss(c, enc.latent, enc.e_tgt)
     assert not torch.equal(e_opt.embeds, enc.e_tgt.embeds)
     assert (e_opt.pooled is not None) == (kind == "sdxl")
@@ -73,7 +73,7 @@ def test_stage_b_lowers_loss_trains_only_lora_and_keeps_base(tiny_models, kind):
     enc = encode(c, _pixels(), "a red disc")
     before = _base_state(c.unet)
     loss_before = _eval_loss(c, enc.latent, enc.e_tgt)
-    weights, losses = finetune(c, enc.latent, enc.e_tgt, TuneSettings(steps=30, lora_lr=5e-3, noise_draws=4))
+    weights, losses = finetune(c, enc.latent, enc.e_tgt, TuneSettings(steps=15, lora_lr=1e-2, noise_draws=4))
     assert has_lora(c.unet)
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k), "B must have moved from zero"
