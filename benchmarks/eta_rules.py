@@ -47,6 +47,9 @@ def load(paths: list[str], grid: tuple[float, ...]) -> list[dict]:
                 cols = [ts.index(t) * k + j for t in steps for j in range(k)]
                 aligns[name] = {e: float((err[i, second, cols] - err[i, first, cols]).mean())
                                 for e, i in index.items()}
+                diffs = {e: err[i, second, cols] - err[i, first, cols] for e, i in index.items()}
+                aligns[name + " z"] = {e: float(d.mean() / (d.std(ddof=1) / np.sqrt(len(d)) + 1e-12))
+                                       for e, d in diffs.items()}
             verdict = {e: (row["scores"][i - 1]["success"], row["scores"][i - 1]["preserved"])
                        for e, i in index.items()}
             cases.append({"id": f"{data['suite_seed']}-{row['case']}", "kind": row["kind"], "grid": grid,
@@ -129,6 +132,11 @@ def rules() -> dict[str, Callable[[dict], float]]:
                 out[f"knee {f:g} {stat}"] = lambda c, f=f, st=stat: knee(c, f, st)
                 out[f"knee {f:g} {stat} +1"] = lambda c, f=f, st=stat: step_after(c, knee(c, f, st))
     for stat in STATS:
+        for z in (1.0, 2.0, 3.0, 4.0):
+            out[f"confident {stat} z>{z:g}"] = lambda c, st=stat, z=z: next(
+                (e for e in c["grid"] if c["aligns"][st + " z"][e] > z), None) or knee(c, 0.75, st)
+            out[f"confident {stat} z>{z:g} +1"] = lambda c, st=stat, z=z: step_after(c, next(
+                (e for e in c["grid"] if c["aligns"][st + " z"][e] > z), None) or knee(c, 0.75, st))
         for k in (0, 1, 2):
             out[f"cross {stat} +{k}"] = lambda c, st=stat, k=k: step_after(c, crossing(c, st), k)
     for stat in STATS:
