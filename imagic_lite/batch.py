@@ -319,6 +319,8 @@ class _Runner:
         self.lines_file = lines_file
         self.lines: list[dict[str, Any]] = []
         self.imagic = None
+        self.chosen = None  # the batch's preset (flags as for `run`), chosen once per process
+        self.choose_notes: list[str] = []
         self.watch: _Watcher | None = None
 
     def one(self, job: Job) -> None:
@@ -357,8 +359,8 @@ class _Runner:
         if not job.prompt.strip():
             raise InputError('the prompt is empty; describe the edited image, e.g. "a dog lying down"')
         loaded = load_image(job.image)
-        imagic = self._model()
         settings = self._settings(job)
+        imagic = self._model(job, settings)
         imagic.preset = settings
         imagic.records = list(self.load_records)
         imagic.notes = list(loaded.notes) + list(self.load_notes)
@@ -374,38 +376,59 @@ class _Runner:
                                   resume=True, thumbnail=self.settings.thumbnail, progress=progress, stop=self.stop)
         return report
 
-    def _model(self):
-        """The model, loaded once per process at the first job that needs it (a rerun of finished jobs never does)."""
-        if self.imagic is None:
-            from .api import Imagic, choose_preset
+    def _device(self) -> str | None:
+        s = self.settings
+        return s.device or (str(self.state.device) if self.state.device.type == "cuda" else None)
+
+    def _batch_preset(self):
+        if self.chosen is None:
+            from .api import choose_preset
             from .models import pick_device
 
             s = self.settings
-            device = s.device or (str(self.state.device) if self.state.device.type == "cuda" else None)
-            self.chosen, notes = choose_preset(s.preset, s.vram, pick_device(device), s.model)
-            self.imagic = Imagic.from_pretrained(s.model, self.chosen, device=device, config_file=s.config_file,
-                                                 overrides=s.overrides, tune_lr=s.tune_lr)
-            self.load_records = list(self.imagic.records)
-            self.load_notes = notes + list(self.imagic.notes)
+            self.chosen, self.choose_notes = choose_preset(s.preset, s.vram, pick_device(self._device()), s.model)
+        return self.chosen
+
+    def _model(self, job: Job, settings):
+        """The model loaded with the job's memory settings: at the first job that needs it (a rerun of finished jobs
+        never loads it), and again only when a job's preset needs other ones (dtype, quantized storage, offload) than
+        the model in memory. Jobs keep their order, so a jobs file grouped by preset loads least often."""
+        if self.imagic is not None and self.imagic.preset.memory == settings.memory:
+            return self.imagic
+        import gc
+
+        import torch
+
+        from .api import Imagic
+        from .config import load_preset
+
+        s = self.settings
+        reloading = self.imagic is not None
+        if reloading:  # one model at a time on the device: let the old one go before loading the next
+            self.imagic = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        preset = load_preset(job.preset) if job.preset else self._batch_preset()
+        self.imagic = Imagic.from_pretrained(s.model, preset, device=self._device(), config_file=s.config_file,
+                                             overrides=job.overrides(s.overrides), tune_lr=s.tune_lr)
+        self.load_records = list(self.imagic.records)
+        self.load_notes = self.choose_notes + list(self.imagic.notes)
+        if reloading:
+            self.load_notes.append(f"the batch loaded the model again for this job: preset {preset.name} needs other "
+                                   "memory settings than the previous job's (group jobs by preset to load less often)")
         return self.imagic
 
     def _settings(self, job: Job):
-        """The job's settings exactly as `run` with the same flags would resolve them; its memory settings must be
-        the loaded model's (the model is loaded once)."""
+        """The job's settings exactly as `run` with the same flags would resolve them."""
         from .api import resolve_settings
         from .config import load_preset
-        from .errors import ConfigError
         from .models import resolve_model
 
         s = self.settings
-        chosen = load_preset(job.preset) if job.preset else self.chosen
-        resolved = resolve_settings(resolve_model(s.model), chosen, s.config_file, job.overrides(s.overrides),
-                                    tune_lr=s.tune_lr)
-        if resolved.memory != self.imagic.preset.memory:
-            raise ConfigError(f"preset {job.preset!r} needs other memory settings than the batch's model was "
-                              f"loaded with ({self.imagic.preset.name}); run its jobs in a batch with --preset "
-                              f"{job.preset}")
-        return resolved
+        chosen = load_preset(job.preset) if job.preset else self._batch_preset()
+        return resolve_settings(resolve_model(s.model), chosen, s.config_file, job.overrides(s.overrides),
+                                tune_lr=s.tune_lr)
 
     def _record(self, line: dict[str, Any]) -> None:
         """Append one whole line to this process's file (flushed and synced: the main process reads it live)."""

@@ -225,3 +225,31 @@ def test_ctrl_c_stops_both_processes_and_a_rerun_finishes_the_same(single, tiny_
         assert _images(out, name) == _images(reference, name)
     for name in checkpointed:
         assert any(n.startswith("resuming stage") for n in json.loads((out / name / "run.json").read_text())["notes"])
+
+
+def test_a_job_whose_preset_needs_other_memory_settings_gets_the_model_loaded_again(tiny_models_16, tmp_path,
+                                                                                     capsys):
+    """The batch runs preset cpu (fp32); job b asks for 4gb (half weights over fp8 storage, checkpointing, 8-bit
+    AdamW): the model is loaded again for b and again for c, and b writes the bytes `run --preset 4gb` writes."""
+    from test_cli import invoke
+
+    model = tiny_models_16["sd"]  # 16 px latents: bf16 convolutions on a CPU are slow, and 4gb computes in bf16
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    ImageDraw.Draw(image).ellipse((12, 12, 52, 52), fill=(200, 30, 30))
+    image.save(folder / "p.png")
+    (folder / "jobs.csv").write_text("image,prompt,name,preset\np.png,a red square,a,\np.png,a red square,b,4gb\n"
+                                     "p.png,a red square,c,\n")
+    out = tmp_path / "out"
+    assert _batch([str(folder / "jobs.csv"), "--out", str(out), "--model", str(model), *FLAGS, "--quiet"]) == 0
+    assert {name: line["status"] for name, line in _summary(out).items()} == {"a": "done", "b": "done", "c": "done"}
+    notes = {name: json.loads((out / name / "run.json").read_text())["notes"] for name in "abc"}
+    again = {name: any("loaded the model again" in note for note in notes[name]) for name in "abc"}
+    assert again == {"a": False, "b": True, "c": True}
+    assert json.loads((out / "b" / "run.json").read_text())["preset"]["memory"]["storage"] == "fp8"
+    flags = [f if f != "cpu" else "4gb" for f in FLAGS]
+    code, _, err = invoke(capsys, "run", folder / "p.png", "a red square", "--model", model, "--out", tmp_path / "run",
+                          *flags, "--quiet")
+    assert code == 0, err
+    assert _images(out, "b") == _images(tmp_path / "run", ".")
