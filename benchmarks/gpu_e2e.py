@@ -102,12 +102,12 @@ def _photo(folder: Path) -> Path:
 
 def run_preset(args: argparse.Namespace, name: str, photo: Path, work: Path, device) -> dict[str, Any]:
     """One `imagic-lite run` in this process under the preset's cap; never raises (except Ctrl-C)."""
-    from imagic_lite.bench import _apply_cap, _free
+    from imagic_lite.bench import apply_cap, free_device_memory
     from imagic_lite.cli import main
     from imagic_lite.config import load_preset
 
     cap_gb = None if args.no_cap else load_preset(name).vram_gb
-    cap = _apply_cap(cap_gb, device)
+    cap = apply_cap(cap_gb, device)
     tracker = StageTracker()
     out = work / name
     argv = ["--debug", "run", str(photo), "a dog lying down", "--model", args.model, "--preset", name,
@@ -142,7 +142,7 @@ def run_preset(args: argparse.Namespace, name: str, photo: Path, work: Path, dev
             import torch
 
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-        _free(device)
+        free_device_memory(device)
     return entry
 
 

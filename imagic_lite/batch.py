@@ -395,20 +395,15 @@ class _Runner:
         the model in memory. Jobs keep their order, so a jobs file grouped by preset loads least often."""
         if self.imagic is not None and self.imagic.preset.memory == settings.memory:
             return self.imagic
-        import gc
-
-        import torch
-
         from .api import Imagic
+        from .bench import free_device_memory
         from .config import load_preset
 
         s = self.settings
         reloading = self.imagic is not None
         if reloading:  # one model at a time on the device: let the old one go before loading the next
-            self.imagic = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            device, self.imagic = self.imagic.components.device, None
+            free_device_memory(device)
         preset = load_preset(job.preset) if job.preset else self._batch_preset()
         self.imagic = Imagic.from_pretrained(s.model, preset, device=self._device(), config_file=s.config_file,
                                              overrides=job.overrides(s.overrides), tune_lr=s.tune_lr)

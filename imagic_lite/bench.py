@@ -68,7 +68,8 @@ class StepTimer:
         return [b - a for a, b in zip(edges, edges[1:], strict=False)][warmup:]
 
 
-def _free(device: torch.device) -> None:
+def free_device_memory(device: torch.device) -> None:
+    """Give what dropped tensors held back to the card (the caching allocator keeps it otherwise)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -247,7 +248,7 @@ def _command_line(*argv: str) -> str | None:
     return out.splitlines()[0].strip() if out else None
 
 
-def _apply_cap(cap_gb: float | None, device: torch.device) -> dict[str, Any]:
+def apply_cap(cap_gb: float | None, device: torch.device) -> dict[str, Any]:
     """Emulate a smaller card: the allocator may use the cap minus the CUDA context this process already holds."""
     if cap_gb is None or device.type != "cuda":
         return {"cap_gb": cap_gb, "cap_applied": False}
@@ -275,14 +276,14 @@ def run_bench(model: str, presets: list[str], resolution: int | None, steps: int
     result: dict[str, Any] = {
         "schema": SCHEMA, "model": model, "family": family, "resolution": resolution, "steps": steps, "warmup": warmup,
         "env": environment(device, command if command is not None else " ".join(sys.argv)), "presets": {}}
-    result.update(_apply_cap(cap_gb, device))
+    result.update(apply_cap(cap_gb, device))
     try:
         for preset in loaded:
             scn = Scenario(model, preset, resolution, steps, warmup, device)
             entry = bench_preset(scn, on_event or (lambda _: None))
             entry["projected_s"] = projected_seconds(preset, entry)
             result["presets"][preset.name] = entry
-            _free(device)
+            free_device_memory(device)
     finally:
         if result["cap_applied"]:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
