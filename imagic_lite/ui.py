@@ -7,6 +7,7 @@ when the page is built, so the other commands never pay for it.
 # No `from __future__ import annotations`: Gradio finds the `request: gr.Request` parameter by its evaluated hint.
 import gc
 import html
+import json
 import re
 import shutil
 import threading
@@ -194,18 +195,37 @@ class Workbench:
         self._applied(session.bundle)
         self._record(session, samples, {"sample_steps": sample.steps, "guidance": sample.guidance})
 
-    def _record(self, session: Session, samples: list, changed: dict[str, Any] | None = None) -> None:
+    def auto(self, session: Session, seed: int, steps: int | None, guidance: float | None, log: StageLog,
+             stop: Any) -> Any:
+        """`--auto-eta` on the session's bundle: stage C at the bundle's etas for `seed`, eta 0 and the judge. Every
+        image is written as `run --auto-eta` writes it (the choice and scores in its text), the chosen one last, so
+        the page shows it and moves the slider there; returns the EtaChoice."""
+        imagic = self._load(session.spec, fresh=False, reuse=session.bundle)
+        changes = {"seeds": (seed,)} | {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
+        sample = replace(session.sample, **changes)
+        samples = imagic.generate(session.bundle, sample=sample, progress=log, stop=stop, auto_eta=True)
+        self._applied(session.bundle)
+        choice = imagic.eta_choice
+        picked = choice.to_dict()
+        changed = {"sample_steps": sample.steps, "guidance": sample.guidance, "auto_eta": picked["eta"],
+                   "auto_eta_judge": picked["judge"], "auto_eta_scores": json.dumps(picked["scores"], sort_keys=True)}
+        self._record(session, samples, changed, chosen=choice.eta)
+        session.notes.append(f"auto-eta chose eta {choice.eta:g}: {choice.reason}")
+        return choice
+
+    def _record(self, session: Session, samples: list, changed: dict[str, Any] | None = None,
+                chosen: float | None = None) -> None:
         """Write each image with its parameters and the grid of everything so far, replacing a re-render."""
         from .outputs import write_grid, write_sample
 
         params = {**session.params, **(changed or {})}
         for s in samples:
-            path = write_sample(session.out, session.stem, s, params)
+            path = write_sample(session.out, session.stem, s, params, marked=chosen is not None)
             session.samples = [(o, p) for o, p in session.samples if (o.eta, o.seed) != (s.eta, s.seed)]
             session.samples.append((s, path))
         session.samples.sort(key=lambda sp: (sp[0].seed, sp[0].eta))
         grid = write_grid(session.out, session.stem, [s for s, _ in session.samples], session.params,
-                          title=session.prompt, input_image=session.bundle.thumbnail)  # as run/edit draw it
+                          title=session.prompt, input_image=session.bundle.thumbnail, chosen=chosen)  # as run/edit
         if grid not in session.files:
             session.files.append(grid)
 
@@ -311,6 +331,16 @@ def stages_html(log: StageLog) -> str:
     return f"<table>{''.join(rows)}</table>" if rows else ""
 
 
+def stage_c_inputs(session: Session | None, seed: float | None, steps: str | None, guidance: str | None) -> dict:
+    """The page's stage C inputs checked (an edit to render from, a seed >= 0, the advanced boxes as preset files
+    are): the sample settings they change."""
+    if session is None:
+        raise InputError("run an edit or open a bundle first")
+    if seed is None or seed < 0:
+        raise InputError(f"the seed must be >= 0, got {seed}")
+    return page_overrides({"sample_steps": steps, "guidance": guidance})[0].get("sample", {})
+
+
 def _choices(preset_name: str | None, card: str | None) -> tuple[str | None, str | None]:
     """The preset and card-size boxes as `Imagic.from_pretrained`'s preset and vram."""
     return (None if preset_name in (None, "", BY_CARD) else preset_name,
@@ -388,21 +418,25 @@ def build_app(bench: Workbench):
                     eta = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="eta (0 = the photo, 1 = the prompt)",
                                     interactive=False, elem_id="eta", scale=3)
                     seed = gr.Number(label="Seed", value=0, precision=0, interactive=False, elem_id="seed", scale=1)
-                render = gr.Button("Render", interactive=False, elem_id="render")
+                with gr.Row():
+                    render = gr.Button("Render", interactive=False, elem_id="render")
+                    pick = gr.Button("Pick eta for me", interactive=False, elem_id="auto_eta")
                 current = gr.Image(label="Result", type="filepath", interactive=False, elem_id="current",
                                    height=320)
                 gallery = gr.Gallery(label="Etas so far", columns=6, height=190, elem_id="gallery")
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False,
                                     elem_id="downloads")
 
-        def shown(session: Session, text: str, kind: str = "ok") -> dict:
-            """Everything a finished job changes; the latest render is the one just made."""
-            latest = max(session.samples, key=lambda sp: sp[1].stat().st_mtime_ns, default=None)
+        def shown(session: Session, text: str, kind: str = "ok", focus: tuple[float, int] | None = None) -> dict:
+            """Everything a finished job changes; the image shown is `focus` (eta, seed) or the latest written."""
+            latest = next((sp for sp in session.samples if (sp[0].eta, sp[0].seed) == focus), None) if focus else \
+                max(session.samples, key=lambda sp: sp[1].stat().st_mtime_ns, default=None)
             return {
                 state: session, status: status_html(text, kind, session.notes),
                 eta: gr.update(interactive=True, value=latest[0].eta if latest else session.sample.etas[0]),
                 seed: gr.update(interactive=True, value=latest[0].seed if latest else session.sample.seeds[0]),
-                render: gr.update(interactive=True), run: gr.update(interactive=True),
+                render: gr.update(interactive=True), pick: gr.update(interactive=True),
+                run: gr.update(interactive=True),
                 current: str(latest[1]) if latest else None,
                 gallery: [(str(p), f"eta {o.eta:g} · seed {o.seed}") for o, p in session.samples],
                 downloads: [str(p) for p in [*session.files, *(p for _, p in session.samples)]],
@@ -471,10 +505,12 @@ def build_app(bench: Workbench):
 
             yield from exclusive(
                 request, {status: status_html(f"loading {spec[0]} and training (stages A and B)…"),
-                          run: gr.update(interactive=False), render: gr.update(interactive=False)},
+                          run: gr.update(interactive=False), render: gr.update(interactive=False),
+                          pick: gr.update(interactive=False)},
                 lambda log, stop_flag: bench.train(loaded.image, Path(path), text.strip(), spec, overrides, tune_lr,
                                                    int(seed_fit), log, stop_flag),
-                done, uploads, {render: gr.update(interactive=session is not None)})
+                done, uploads, {render: gr.update(interactive=session is not None),
+                                pick: gr.update(interactive=session is not None)})
 
         def on_open(path, preset_name, card, request: gr.Request):
             """Open an uploaded bundle; the drop zone empties again either way, ready for the next one."""
@@ -489,11 +525,7 @@ def build_app(bench: Workbench):
 
         def on_render(session, eta_value, seed_value, c_steps, cfg, request: gr.Request):
             try:
-                if session is None:
-                    raise InputError("run an edit or open a bundle first")
-                if seed_value is None or seed_value < 0:
-                    raise InputError(f"the seed must be >= 0, got {seed_value}")
-                sample = page_overrides({"sample_steps": c_steps, "guidance": cfg})[0].get("sample", {})
+                sample = stage_c_inputs(session, seed_value, c_steps, cfg)
             except ImagicError as exc:
                 yield {status: status_html(one_line(exc, {}), "error")}
                 return
@@ -504,18 +536,35 @@ def build_app(bench: Workbench):
                                                     sample.get("guidance"), log, stop_flag),
                 lambda _: shown(session, f"eta {eta_value:g}, seed {seed_value}: files in {session.out}"), {})
 
+        def on_auto(session, seed_value, c_steps, cfg, request: gr.Request):
+            """Auto-eta, as `--auto-eta` on the CLI: the bundle's etas at this seed, judged; the slider goes there."""
+            try:
+                sample = stage_c_inputs(session, seed_value, c_steps, cfg)
+            except ImagicError as exc:
+                yield {status: status_html(one_line(exc, {}), "error")}
+                return
+            seed_value = int(seed_value)
+            etas = ", ".join(f"{e:g}" for e in session.sample.etas)
+            yield from exclusive(
+                request, {status: status_html(f"rendering etas {etas} and 0 at seed {seed_value}, then judging…")},
+                lambda log, stop_flag: bench.auto(session, seed_value, sample.get("steps"), sample.get("guidance"),
+                                                  log, stop_flag),
+                lambda choice: shown(session, f"auto-eta chose eta {choice.eta:g} (why: see the notes); files in "
+                                              f"{session.out}", focus=(choice.eta, seed_value)), {})
+
         def on_stop(request: gr.Request):
             if bench.request_stop(request.session_hash):
                 return status_html("stopping after the current step…", "busy")
             return status_html("nothing of yours is running")
 
-        everything = {state, status, stages, eta, seed, render, run, current, gallery, downloads}
+        everything = {state, status, stages, eta, seed, render, pick, run, current, gallery, downloads}
         work = {"concurrency_id": "work", "concurrency_limit": 4}  # the lock admits one; the rest hear "busy"
         photo.change(on_photo, photo, [preview, status])
         run.click(on_run, [state, photo, prompt, model, vram, preset, fit_seed, *boxes.values()], everything, **work)
         bundle_in.upload(on_open, [bundle_in, preset, vram], everything | {bundle_in}, **work)
         for event in (eta.release, render.click, seed.submit):
             event(on_render, [state, eta, seed, boxes["sample_steps"], boxes["guidance"]], everything, **work)
+        pick.click(on_auto, [state, seed, boxes["sample_steps"], boxes["guidance"]], everything, **work)
         stop.click(on_stop, None, status, queue=False)
     return demo
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -144,6 +145,13 @@ def test_workbench_trains_renders_and_reopens(tiny_sd, photo, tmp_path):
     bench.render(session, 0.75, 3, 3, None, StageLog(), bench.begin("tab-1"))  # the stopped run's half-trained
     bench.end()  # adapter must not leak into another edit's pixels
     assert np.array_equal(np.asarray(Image.open(out / "photo_eta0.75_seed3.png")), before)
+
+    choice = bench.auto(session, 0, None, None, StageLog(), bench.begin("tab-1"))  # the page's "Pick eta for me"
+    bench.end()
+    assert choice.eta in (0.5, 1.0) and session.notes[-1].startswith(f"auto-eta chose eta {choice.eta:g}: ")
+    written = read_png_params(out / f"photo_eta{choice.eta:.2f}_seed0.png")
+    assert written["auto_eta"] == choice.eta and written["auto_eta_chosen"] == 1
+    assert json.loads(written["auto_eta_scores"]).keys() == {"0", "0.5", "1"}
 
     again = bench.open(out / "photo.imagic.safetensors", "photo.imagic.safetensors", "cpu", None, StageLog(),
                        bench.begin("tab-2"))
@@ -352,6 +360,22 @@ def test_edit_then_eta_slider_renders_a_new_image(edited, server, tmp_path):
 
 @pytest.mark.browser
 @needs_browser
+def test_pick_eta_for_me_moves_the_slider_to_the_choice(edited, server):
+    from playwright.sync_api import expect
+
+    page, _, _ = edited
+    page.locator("#auto_eta").click()
+    expect(page.locator("#status")).to_contain_text("auto-eta chose eta", timeout=120_000)
+    chosen = float(re.search(r"auto-eta chose eta ([0-9.]+)", _status(page)).group(1))
+    assert chosen in (1.0, 1.2, 1.4, 1.6)  # one of the shapes model's etas
+    assert float(page.locator("#eta input[type=range]").input_value()) == chosen
+    src, _ = _image(page, "#current img")
+    assert f"eta{chosen:.2f}_seed0" in src
+    assert read_png_params(server.out / "red-circle" / f"red-circle_eta{chosen:.2f}_seed0.png")["auto_eta_chosen"] == 1
+
+
+@pytest.mark.browser
+@needs_browser
 def test_bundles_reopen_and_a_bad_one_is_refused_like_the_cli(edited, browser, server, tmp_path):
     from playwright.sync_api import expect
 
@@ -402,8 +426,9 @@ def test_stop_mid_run_and_a_second_tab_is_told_busy(edited, browser, server):
 @pytest.mark.skipif(os.environ.get("IMAGIC_UI_SCREENSHOT") != "1", reason="rewrites README's picture; run it with "
                     "IMAGIC_UI_SCREENSHOT=1 python -m pytest -m slow tests/test_ui.py -k screenshot")
 def test_readme_screenshot(browser, server):
-    """README's "Web UI" picture: the red circle edited with the shapes model's own settings, then eta moved to 1.3.
-    Writes benchmarks/results/ui-edit.png and ui-edit.json (timings, load, versions). About 1-3 minutes."""
+    """README's "Web UI" picture: the red circle edited with the shapes model's own settings, then eta moved to 1.3;
+    then "Pick eta for me". Writes benchmarks/results/ui-edit.png and ui-edit.json (timings, load, versions). About
+    1-3 minutes."""
     import platform
 
     import gradio
@@ -425,6 +450,11 @@ def test_readme_screenshot(browser, server):
     rerender_seconds = time.monotonic() - start
     expect(page.locator("#status")).to_contain_text("eta 1.3")
     page.screenshot(path=results / "ui-edit.png", full_page=True)
+    start = time.monotonic()
+    page.locator("#auto_eta").click()
+    expect(page.locator("#status")).to_contain_text("auto-eta chose eta", timeout=300_000)
+    auto_seconds = time.monotonic() - start
+    chosen = float(re.search(r"auto-eta chose eta ([0-9.]+)", _status(page)).group(1))
     run = json.loads((out / "run.json").read_text())
     from imagic_lite.files import write_text_atomic
 
@@ -437,6 +467,7 @@ def test_readme_screenshot(browser, server):
         "served_after_seconds": round(server.served_after, 1),
         "run_click_to_done_seconds": round(run_seconds, 1),
         "eta_release_to_new_image_seconds": round(rerender_seconds, 1),
+        "pick_eta_click_to_choice_seconds": round(auto_seconds, 1), "pick_eta_chose": chosen,
         "run_json_stages": {r["stage"]: round(r["seconds"], 2) for r in run["stages"]},
         "settings": run["preset"], "versions": run["versions"], "device": run["device"],
     }, indent=1) + "\n")
