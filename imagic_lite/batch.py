@@ -29,7 +29,7 @@ RESERVED = {"summary.jsonl", "summary.csv"}
 STATE_DIR = ".batch"  # per-process summary lines and end markers
 POLL_SECONDS = 1.0
 CSV_FIELDS = ("index", "name", "status", "exit_code", "error", "image", "prompt", "seconds_total", "seconds_A",
-              "seconds_B", "seconds_C", "peak_bytes", "out", "process")
+              "seconds_B", "seconds_C", "peak_bytes", "auto_eta", "out", "process")
 
 Events = Callable[[dict[str, Any]], None]
 
@@ -78,6 +78,7 @@ class BatchSettings:
     seed: int = 0
     thumbnail: bool = True
     overwrite: bool = False  # redo jobs whose folders already hold a complete result
+    auto_eta: Any = False  # `--auto-eta`: False, or the eta.AutoEtaSettings every job's choice uses
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,6 +351,8 @@ class _Runner:
         stages = [r for r in report["stages"] if r["stage"] != "load"]  # the process's one load is no job's time
         line["seconds"] = {r["stage"]: round(r["seconds"], 3) for r in stages}
         line["peak_bytes"] = {r["stage"]: r["peak"].get("peak_bytes") for r in stages if r["peak"]}
+        if "auto_eta" in report:
+            line["auto_eta"] = report["auto_eta"]["eta"]
         return line
 
     def _fit(self, job: Job, folder: Path) -> dict[str, Any]:
@@ -373,7 +376,8 @@ class _Runner:
                 self.watch.poll()
 
         report, _ = fit_and_write(imagic, loaded.image, job.prompt, _stem(job.image), folder, seed=self.settings.seed,
-                                  resume=True, thumbnail=self.settings.thumbnail, progress=progress, stop=self.stop)
+                                  resume=True, thumbnail=self.settings.thumbnail, progress=progress, stop=self.stop,
+                                  auto_eta=self.settings.auto_eta)
         return report
 
     def _device(self) -> str | None:

@@ -614,13 +614,14 @@ def presets_command(ctx: click.Context, model: str, resolution: int | None, simu
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML with [embed]/[tune]/[sample].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for stages A and B of every job.")
 @click.option("--no-thumbnail", is_flag=True, help="Leave the inputs' thumbnails out of the bundles.")
+@AUTO_ETA
 @click.pass_context
 def batch_command(ctx: click.Context, jobs_file: Path, model: str | None, vram: str | None, preset: str | None,
                   device: str | None, out: Path | None, overwrite: bool, quiet: bool, json_out: bool,
                   etas: str | None, seeds: str | None, sample_steps: int | None, guidance: float | None,
                   batch: int | None, embed_steps: int | None, tune_steps: int | None, embed_lr: float | None,
                   tune_lr: float | None, rank: int | None, mode: str | None, config_file: Path | None, seed: int,
-                  no_thumbnail: bool) -> None:
+                  no_thumbnail: bool, auto_eta: str | None) -> None:
     """Run many (image, prompt) jobs from a CSV or JSON Lines file into --out DIR/<name>/, each as `run` would.
 
     JOBS has the columns image,prompt and optionally etas, seeds, preset, tune_steps, embed_steps, name. Under
@@ -641,7 +642,7 @@ def batch_command(ctx: click.Context, jobs_file: Path, model: str | None, vram: 
         settings = BatchSettings(
             model=model or DEFAULT_MODEL, preset=preset, vram=vram, device=device,
             config_file=str(config_file) if config_file else None, tune_lr=tune_lr, seed=seed,
-            thumbnail=not no_thumbnail, overwrite=overwrite, overrides=_overrides(
+            thumbnail=not no_thumbnail, overwrite=overwrite, auto_eta=_auto_eta(auto_eta), overrides=_overrides(
                 embed_steps=embed_steps, embed_lr=embed_lr, tune_steps=tune_steps, rank=rank, mode=mode,
                 sample_steps=sample_steps, guidance=guidance, etas=_numbers(etas, "--etas"),
                 seeds=_numbers(seeds, "--seeds", int), batch=batch))

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from imagic_lite.batch import BatchSettings, Job, read_jobs
 from imagic_lite.cli import main
 from imagic_lite.errors import InputError
+from imagic_lite.images import read_png_params
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--preset", "cpu", "--embed-steps", "2", "--tune-steps", "2", "--sample-steps", "2", "--etas", "0.7",
@@ -253,3 +254,21 @@ def test_a_job_whose_preset_needs_other_memory_settings_gets_the_model_loaded_ag
                           *flags, "--quiet")
     assert code == 0, err
     assert _images(out, "b") == _images(tmp_path / "run", ".")
+
+
+def test_batch_auto_eta_chooses_per_job_and_records_it(tiny_sd, tmp_path):
+    """`batch --auto-eta`: each job chooses as `run --auto-eta` does; the choice is in its run.json, PNG text,
+    summary.jsonl and summary.csv."""
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(folder / "p.png")
+    (folder / "jobs.csv").write_text("image,prompt,name\np.png,a blue square,a\n")
+    out = tmp_path / "out"
+    flags = [f if f != "0.7" else "0.5,1.0" for f in FLAGS]
+    assert _batch([str(folder / "jobs.csv"), "--out", str(out), "--model", str(tiny_sd), *flags, "--quiet",
+                   "--auto-eta"]) == 0
+    chosen = json.loads((out / "a" / "run.json").read_text())["auto_eta"]["eta"]
+    assert chosen in (0.5, 1.0) and _summary(out)["a"]["auto_eta"] == chosen
+    assert read_png_params(out / "a" / f"p_eta{chosen:.2f}_seed0.png")["auto_eta_chosen"] == 1
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[1].split(",")[rows[0].split(",").index("auto_eta")] == str(chosen)
