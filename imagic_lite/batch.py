@@ -385,6 +385,7 @@ class _Runner:
         return s.device or (str(self.state.device) if self.state.device.type == "cuda" else None)
 
     def _batch_preset(self):
+        """The preset the batch's flags name (--preset, --vram), chosen once per process for its device."""
         if self.chosen is None:
             from .api import choose_preset
             from .models import pick_device
