@@ -239,6 +239,18 @@ def compute_dtype(weights: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def emulated_bf16_note(dtype: torch.dtype, device: torch.device) -> str | None:
+    """What to tell a user who asked for bf16 (weights = "bf16") on a card below compute capability 8.0: it runs,
+    because PyTorch emulates bf16 there, but slower than the fp16 that "half" would have picked."""
+    if dtype != torch.bfloat16 or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (8, 0):
+        return None
+    return (f"weights bf16 on a card of compute capability {major}.{minor}, which has no bf16 arithmetic: PyTorch "
+            "emulates it, slower than fp16; weights = \"half\" picks fp16 with loss scaling on this card")
+
+
 def unet_fingerprint(unet: nn.Module) -> str:
     """Identity of in-memory weights (architectures built from configs): names, shapes, strided values."""
     digest = hashlib.sha256()
@@ -400,7 +412,7 @@ def _load_components(model: str, memory: MemorySettings, device: torch.device, e
     else:
         unet, vae, encoders, tokenizers, scheduler = _load(path, family, dtype)
         fingerprint = file_fingerprint(path / "unet") or unet_fingerprint(unet)
-    notes: list[str] = []
+    notes = [note for note in (emulated_bf16_note(dtype, device),) if note]
 
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)

@@ -26,6 +26,19 @@ def test_half_is_bf16_only_where_the_chosen_card_computes_it(monkeypatch, capabi
     assert models.compute_dtype("half", torch.device("cpu")) == torch.bfloat16
 
 
+@pytest.mark.parametrize("capability, dtype, device, said", [((7, 5), torch.bfloat16, "cuda:0", True),
+                                                             ((8, 6), torch.bfloat16, "cuda:0", False),
+                                                             ((7, 5), torch.float16, "cuda:0", False),
+                                                             ((7, 5), torch.bfloat16, "cpu", False)])
+def test_explicit_bf16_on_a_card_without_it_gets_a_note(monkeypatch, capability, dtype, device, said):
+    """weights = "bf16" is honoured when asked for (PyTorch emulates it below 8.0), with a note that "half" would
+    have picked the faster fp16 there."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    note = models.emulated_bf16_note(dtype, torch.device(device))
+    assert (note is not None) == said
+    assert note is None or "compute capability 7.5" in note and '"half" picks fp16' in note
+
+
 def _components(path, **memory) -> models.Components:
     return models.load_components(str(path), MemorySettings(weights="fp32", **memory), torch.device("cpu"))
 
