@@ -16,7 +16,7 @@ from .config import SampleSettings
 from .errors import ConfigError
 from .imagic import Progress, Sample, StopFlag, _no_progress, generate, prediction_target
 from .lora import has_lora
-from .models import Components, Cond, unet_kwargs
+from .models import Components, Cond, unet_kwargs, vae_turn
 
 Judge = Callable[[list[Sample]], list[dict[str, float]]]  # images -> {"alignment", "fidelity"} each
 
@@ -83,9 +83,9 @@ def denoising_errors(c: Components, latents: torch.Tensor, conds: list[Cond], ti
     conditions or images are paired comparisons and their noise mostly cancels. At most `batch` evaluations go
     through one UNet call (stage C's uncond + cond per image: the judge needs no more memory than sampling)."""
     generator = torch.Generator().manual_seed(seed)
-    shape = latents.shape[1:]
-    noise = torch.randn((noises, *shape), generator=generator).repeat(len(timesteps), 1, 1, 1)
-    t = torch.tensor(timesteps, dtype=torch.long).repeat_interleave(noises)
+    shape, host = latents.shape[1:], latents.device  # the host's memory; only the UNet's inputs visit the device
+    noise = torch.randn((noises, *shape), generator=generator).to(host).repeat(len(timesteps), 1, 1, 1)
+    t = torch.tensor(timesteps, dtype=torch.long).to(host).repeat_interleave(noises)
     pairs = len(t)
     height, width = shape[-2] * c.vae_scale, shape[-1] * c.vae_scale
     x0 = latents.float().repeat_interleave(pairs, dim=0)  # (images * pairs, ...), image-major
@@ -93,7 +93,7 @@ def denoising_errors(c: Components, latents: torch.Tensor, conds: list[Cond], ti
     noisy = c.scheduler.add_noise(x0, noise_all, t_all)
     target = prediction_target(c, x0, noise_all, t_all).float()
     jobs = [(j, k) for j in range(len(conds)) for k in range(len(x0))]  # (condition, noisy latent)
-    errors = torch.empty(len(conds), len(x0))
+    errors = torch.empty(len(conds), len(x0), device=host)
     for first in range(0, len(jobs), batch):
         chunk = jobs[first:first + batch]
         rows = torch.tensor([k for _, k in chunk])
@@ -101,7 +101,7 @@ def denoising_errors(c: Components, latents: torch.Tensor, conds: list[Cond], ti
         with c.autocast():
             pred = c.unet(noisy[rows].to(c.device), t_all[rows].to(c.device),
                           **unet_kwargs(c, cond, height, width, original)).sample
-        error = (pred.float().cpu() - target[rows]).pow(2).mean(dim=(1, 2, 3))
+        error = (pred.float().to(host) - target[rows]).pow(2).mean(dim=(1, 2, 3))
         for (j, k), value in zip(chunk, error, strict=True):
             errors[j, k] = value
     return errors.view(len(conds), len(latents), pairs).transpose(0, 1)
@@ -109,12 +109,14 @@ def denoising_errors(c: Components, latents: torch.Tensor, conds: list[Cond], ti
 
 @torch.no_grad()
 def image_latents(c: Components, images: list) -> torch.Tensor:
-    """PIL images -> the VAE posterior means, scaled (the latents the judge reads); images at the working size."""
+    """PIL images -> the VAE posterior means, scaled (the latents the judge reads); images at the working size.
+    The VAE takes its turn on the device as for stage C's decode (offloaded encoders, `sample_offload`), and encodes
+    one image at a time: never more at once than stage C decodes."""
     from .images import to_tensor
 
-    vae_dtype = next(c.vae.parameters()).dtype
-    pixels = torch.cat([to_tensor(im) for im in images]).to(c.device, vae_dtype)
-    return (c.vae.encode(pixels).latent_dist.mean * c.scaling_factor).float().cpu()
+    with vae_turn(c) as vae_dtype:
+        return torch.cat([(c.vae.encode(to_tensor(im).to(c.device, vae_dtype)).latent_dist.mean
+                           * c.scaling_factor).float().to(c.host) for im in images])
 
 
 def diffusion_judge(c: Components, e_tgt: Cond, e_opt: Cond, settings: AutoEtaSettings,

@@ -581,17 +581,27 @@ def encode(c: Components, pixels: torch.Tensor, prompt: str) -> Encoded:
     return Encoded(latent=latent, e_tgt=e_tgt, uncond=uncond, truncated=truncated)
 
 
-@torch.no_grad()
-def decode(c: Components, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> pixels in [-1, 1] on the CPU; the UNet steps aside first when `sample_offload` is on."""
-    if c.memory.sample_offload and c.offloads:
+@contextlib.contextmanager
+def vae_turn(c: Components) -> Iterator[torch.dtype]:
+    """The VAE on the device for a decode (or the eta judge's encode) after sampling: the UNet steps aside meanwhile
+    when `sample_offload` is on, and the VAE goes back to the host after it when the encoders are offloaded.
+    Yields the VAE's dtype (its inputs must match it outside autocast)."""
+    aside = c.memory.sample_offload and c.offloads
+    if aside:
         c.unet.to(c.host)
         torch.cuda.empty_cache()
     _place(c.vae, c.device)
-    vae_dtype = next(c.vae.parameters()).dtype
-    images = c.vae.decode(latents.to(c.device, vae_dtype) / c.scaling_factor).sample.float().to(c.host)
-    if c.memory.offload_encoders and c.offloads:
-        _place(c.vae, c.host)
-    if c.memory.sample_offload and c.offloads:
-        c.unet.to(c.device)
-    return images
+    try:
+        yield next(c.vae.parameters()).dtype
+    finally:
+        if c.memory.offload_encoders and c.offloads:
+            _place(c.vae, c.host)
+        if aside:
+            c.unet.to(c.device)
+
+
+@torch.no_grad()
+def decode(c: Components, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> pixels in [-1, 1] on the CPU (`vae_turn` says who is on the device meanwhile)."""
+    with vae_turn(c) as vae_dtype:
+        return c.vae.decode(latents.to(c.device, vae_dtype) / c.scaling_factor).sample.float().to(c.host)

@@ -459,6 +459,7 @@ class SimSettings:
     embed_steps: int = 1
     tune_steps: int = 2
     sample_steps: int = 1
+    auto_eta: bool = False  # also the `--auto-eta` search after C (eta 0's render and the judge), as stage "eta"
 
 
 def _components(model: str, preset: Preset):
@@ -509,8 +510,19 @@ def run_stages(c, preset: Preset, side: int, counter: LiveBytes, watch: _Watch |
     # stage C turns the decoded pixels into PIL images on the host: not memory on the card, and not possible on
     # fake tensors; every other line of generate() and decode() runs as written
     with mock.patch("imagic_lite.images.from_tensor", _no_images):
-        generate(c, enc.e_tgt, e_opt, enc.uncond, sample, side, side)
+        samples = generate(c, enc.e_tgt, e_opt, enc.uncond, sample, side, side)
     out["C"] = close("C", settings.sample_steps)
+    if settings.auto_eta:
+        from .eta import AutoEtaSettings, choose_eta, diffusion_judge
+
+        window("eta")
+        auto = AutoEtaSettings()
+        judge, name, calls = diffusion_judge(c, enc.e_tgt, e_opt, auto)
+        # the judge reads the rendered images back from host pixels, here a stand-in of the same shape
+        with mock.patch("imagic_lite.images.from_tensor", _no_images), \
+                mock.patch("imagic_lite.images.to_tensor", lambda image: torch.zeros((1, 3, side, side))):
+            choose_eta(c, enc.e_tgt, e_opt, enc.uncond, sample, side, side, samples, judge, calls, name, auto)
+        out["eta"] = close("eta", settings.sample_steps)
     return out
 
 

@@ -142,8 +142,9 @@ def test_preset_runs_edits_and_exports_under_cuda_rules(tiny_models_16, photo, t
         assert report["preset"]["tune"]["mode"] == (mode or ("full" if preset == "paper" else "lora"))
         bundle = out / "photo.imagic.safetensors"
         _cli("edit", bundle, "--preset", preset, "--device", "cpu", "--out", tmp_path / "edit", "--etas", "0.5",
-             "--sample-steps", "1", "--quiet")
+             "--sample-steps", "1", "--quiet", "--auto-eta")  # the eta judge too: VAE encode, base-model UNet
         assert len(list((tmp_path / "edit").glob("*.png"))) >= 1
+        assert json.loads((tmp_path / "edit" / "run.json").read_text())["auto_eta"]["eta"] == 0.5
         if report["preset"]["tune"]["mode"] == "lora":
             _cli("export", bundle, tmp_path / "kohya", "--to", "kohya")
             _cli("export", bundle, tmp_path / "diffusers", "--to", "diffusers")

@@ -166,3 +166,14 @@ def test_presets_reads_the_shipped_simulations_and_starts_none(capsys, monkeypat
     for r in shipped:
         assert r["side"] == 512 and r["card_need_bytes"] > r["simulated_peak_bytes"]
         assert r["simulated_peak_bytes"] == max(r["simulated"].values())
+
+
+@pytest.mark.parametrize("preset_name", ["4gb", "8gb"])
+def test_auto_eta_search_runs_on_a_simulated_card_within_stage_c_memory(tiny_sd, preset_name):
+    """--auto-eta after stage C on fake tensors with the host a different device (meta), as a card and its host are:
+    a module left on the wrong side fails here as it would on CUDA. The search must need no more than C."""
+    from imagic_lite.config import load_preset
+
+    settings = simulate.SimSettings(auto_eta=True)
+    stages = simulate.simulate_preset(str(tiny_sd), load_preset(preset_name), 32, settings)["stages"]
+    assert stages["eta"]["peak_allocated_bytes"] <= stages["C"]["peak_allocated_bytes"]
