@@ -1,8 +1,8 @@
 """End to end on a card: `imagic-lite run` for every preset on one model, each under its card's memory cap.
 
-Correctness, not speed: a few steps per stage on the full-size random-weight architectures (`arch:sd15`,
-`arch:sdxl`). Any exception -- an OOM under the cap, a dtype the kernels refuse, a NaN -- is reported with the
-preset and the stage it happened in, the remaining presets still run, and the exit code is 1. Writes
+Correctness, not speed: a few steps per stage, then `--auto-eta`, on the full-size random-weight architectures
+(`arch:sd15`, `arch:sdxl`). Any exception -- an OOM under the cap, a dtype the kernels refuse, a NaN -- is
+reported with the preset and the stage it happened in, the remaining presets still run, and the exit code is 1. Writes
 benchmarks/results/e2e-<device>-<arch>-<date>.json (each preset: ok, seconds, cap, per-stage peaks, error).
 Example: python benchmarks/gpu_e2e.py --model arch:sdxl --presets 12gb,8gb --steps 2
 """
@@ -112,7 +112,8 @@ def run_preset(args: argparse.Namespace, name: str, photo: Path, work: Path, dev
     out = work / name
     argv = ["--debug", "run", str(photo), "a dog lying down", "--model", args.model, "--preset", name,
             "--device", str(device), "--out", str(out), "--overwrite", "--embed-steps", str(args.steps),
-            "--tune-steps", str(args.steps), "--sample-steps", str(args.sample_steps), "--etas", "0.7", "--quiet"]
+            "--tune-steps", str(args.steps), "--sample-steps", str(args.sample_steps), "--etas", "0.7", "--quiet",
+            "--auto-eta"]  # the eta judge too: its VAE encode and base-model UNet calls on the card
     if args.weights:
         config = work / f"weights-{args.weights}.toml"
         config.write_text(f'[memory]\nweights = "{args.weights}"\n')

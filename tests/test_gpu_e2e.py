@@ -74,7 +74,7 @@ def test_a_clean_run_is_recorded(tiny_models_16, tmp_path, capsys):
     [entry] = json.loads(results.read_text())["presets"]
     assert entry["ok"] and entry["cap_gb"] is None and not entry["cap_applied"]
     assert entry["compute_dtype"] == "bfloat16"  # --weights reached the run
-    assert list(entry["stages"]) == ["load", "encode", "A", "B", "C"]
+    assert list(entry["stages"]) == ["load", "encode", "A", "B", "C", "eta"]  # the run ends with --auto-eta
     assert "FAILED" not in capsys.readouterr().out
 
 
