@@ -168,7 +168,8 @@ def test_presets_reads_the_shipped_simulations_and_starts_none(capsys, monkeypat
         assert r["simulated_peak_bytes"] == max(r["simulated"].values())
 
 
-@pytest.mark.parametrize("preset_name", ["4gb", "8gb"])
+@pytest.mark.parametrize("preset_name", ["4gb", pytest.param("8gb", marks=pytest.mark.slow)])  # 4gb: offloaded
+# encoders and sample_offload both
 def test_auto_eta_search_runs_on_a_simulated_card_within_stage_c_memory(tiny_sd, preset_name):
     """--auto-eta after stage C on fake tensors with the host a different device (meta), as a card and its host are:
     a module left on the wrong side fails here as it would on CUDA. The search must need no more than C."""
