@@ -36,6 +36,7 @@ NOISES, NOISE_SEED = 2, 0  # imagic_lite.eta.AutoEtaSettings' defaults
 def main(suite_seed: int, per_kind: int, shard: int, shards: int, out: str, images: str = "") -> None:
     from imagic_lite.api import Imagic
     from imagic_lite.eta import base_judge, denoising_errors, image_latents
+    from imagic_lite.files import write_text_atomic
     from imagic_lite.models import encode_uncond
     from imagic_lite.shapes import world
     from imagic_lite.shapes.checker import read
@@ -79,9 +80,7 @@ def main(suite_seed: int, per_kind: int, shard: int, shards: int, out: str, imag
         print(case.id, f"fit+C {t1 - t0:.0f}s judge {t2 - t1:.1f}s",
               "".join("B" if s["success"] and s["preserved"] else "s" if s["success"] else "p" if s["preserved"]
                       else "." for s in rows[-1]["scores"]), flush=True)
-        tmp = Path(out + ".tmp")
-        tmp.write_text(json.dumps({**meta, "rows": rows}))
-        tmp.replace(out)
+        write_text_atomic(Path(out), json.dumps({**meta, "rows": rows}))
         if images:
             for s in samples:
                 s.image.save(f"{images}/{suite_seed}-{case.id}-{s.eta:g}.png")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's imagic_lite
+from imagic_lite.files import write_text_atomic  # noqa: E402
 
 PRODUCTION_TS = (350, 550, 750)
 
@@ -182,10 +183,10 @@ def main() -> None:
                                                                      r["by_kind"].items()))
     print("\n".join(lines))
     if args.out:
-        Path(args.out).write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                              "command": " ".join(["python", *sys.argv]), "dev": args.dev,
-                                              "grid": grid, "cases": n, "summary": lines,
-                                              "table": table}, indent=1, default=float))
+        record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join(["python", *sys.argv]), "dev": args.dev, "grid": grid, "cases": n,
+                  "summary": lines, "table": table}
+        write_text_atomic(Path(args.out), json.dumps(record, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's imagic_lite
 from imagic_lite.config import load_preset  # noqa: E402
+from imagic_lite.files import write_text_atomic  # noqa: E402
 from imagic_lite.simulate import SimSettings, simulate_preset  # noqa: E402
 
 
@@ -37,9 +38,7 @@ def main(model: str, resolution: int, presets: list[str], out: str | None) -> No
               flush=True)
     path = Path(out or Path(__file__).resolve().parent / "results" /
                 f"sim-auto-eta-{model.split(':')[-1]}-{resolution}px-{stamp:%Y%m%dT%H%M%S}.json")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     print("wrote", path)
 
 
