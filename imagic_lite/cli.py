@@ -108,6 +108,27 @@ AUTO_ETA = click.option(
     "(clip:PATH); the grid marks the choice. Put it after the arguments.")
 
 
+def _fit_options(a_steps: str, b_steps: str, seed: str, thumbnail: str):
+    """The stage A/B flags `run` and `batch` share; only their help texts differ."""
+    def decorate(fn):
+        for option in reversed([
+            click.option("--embed-steps", type=int, help=f"Stage A steps ({a_steps})."),
+            click.option("--tune-steps", type=int, help=f"Stage B steps ({b_steps})."),
+            click.option("--embed-lr", type=float, help="Stage A learning rate."),
+            click.option("--tune-lr", type=float, help="Stage B learning rate."),
+            click.option("--rank", type=int, help="LoRA rank."),
+            click.option("--mode", type=click.Choice(["lora", "full"]),
+                         help="Stage B: LoRA (default) or full fine-tune."),
+            click.option("--config", "config_file", type=click.Path(path_type=Path),
+                         help="TOML with [embed]/[tune]/[sample]."),
+            click.option("--seed", type=int, default=0, show_default=True, help=seed),
+            click.option("--no-thumbnail", is_flag=True, help=thumbnail),
+        ]):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
 def _common_sample_options(fn):
     from .config import DEFAULT_MODEL
 
@@ -139,15 +160,8 @@ def _common_sample_options(fn):
 @click.argument("prompt")
 @_common_sample_options
 @AUTO_ETA
-@click.option("--embed-steps", type=int, help="Stage A steps (optimise e_opt).")
-@click.option("--tune-steps", type=int, help="Stage B steps (fine-tune the UNet).")
-@click.option("--embed-lr", type=float, help="Stage A learning rate.")
-@click.option("--tune-lr", type=float, help="Stage B learning rate.")
-@click.option("--rank", type=int, help="LoRA rank.")
-@click.option("--mode", type=click.Choice(["lora", "full"]), help="Stage B: LoRA (default) or full fine-tune.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML with [embed]/[tune]/[sample].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for stages A and B.")
-@click.option("--no-thumbnail", is_flag=True, help="Leave the input's thumbnail out of the bundle.")
+@_fit_options("optimise e_opt", "fine-tune the UNet", "Seed for stages A and B.",
+              "Leave the input's thumbnail out of the bundle.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out folder.")
 @click.pass_context
 def run(ctx: click.Context, image: Path, prompt: str, model: str | None, vram: str | None, preset: str | None,
@@ -605,15 +619,8 @@ def presets_command(ctx: click.Context, model: str, resolution: int | None, simu
              "jobs file (one line per bad row, nothing run); 8 some jobs failed (the last line counts them).")
 @click.argument("jobs_file", metavar="JOBS", type=click.Path(path_type=Path))
 @_common_sample_options
-@click.option("--embed-steps", type=int, help="Stage A steps (a job's embed_steps column overrides).")
-@click.option("--tune-steps", type=int, help="Stage B steps (a job's tune_steps column overrides).")
-@click.option("--embed-lr", type=float, help="Stage A learning rate.")
-@click.option("--tune-lr", type=float, help="Stage B learning rate.")
-@click.option("--rank", type=int, help="LoRA rank.")
-@click.option("--mode", type=click.Choice(["lora", "full"]), help="Stage B: LoRA (default) or full fine-tune.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML with [embed]/[tune]/[sample].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for stages A and B of every job.")
-@click.option("--no-thumbnail", is_flag=True, help="Leave the inputs' thumbnails out of the bundles.")
+@_fit_options("a job's embed_steps column overrides", "a job's tune_steps column overrides",
+              "Seed for stages A and B of every job.", "Leave the inputs' thumbnails out of the bundles.")
 @AUTO_ETA
 @click.pass_context
 def batch_command(ctx: click.Context, jobs_file: Path, model: str | None, vram: str | None, preset: str | None,

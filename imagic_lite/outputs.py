@@ -63,11 +63,16 @@ def write_samples(out: Path, stem: str, samples: list, params: dict[str, Any], t
     With `auto_eta` (EtaChoice.to_dict()) every PNG also carries the choice and its scores (each image whether it
     is the chosen one), and the grid marks the chosen eta's column."""
     if auto_eta is not None:
-        params = {**params, "auto_eta": auto_eta["eta"], "auto_eta_judge": auto_eta["judge"],
-                  "auto_eta_scores": json.dumps(auto_eta["scores"], sort_keys=True)}
+        params = {**params, **auto_eta_params(auto_eta)}
     paths = [write_sample(out, stem, s, params, marked=auto_eta is not None) for s in samples]
     chosen = auto_eta["eta"] if auto_eta is not None else None
     return [*paths, write_grid(out, stem, samples, params, title, input_image, chosen=chosen)]
+
+
+def auto_eta_params(auto_eta: dict[str, Any]) -> dict[str, Any]:
+    """The PNG text an auto-eta choice (EtaChoice.to_dict()) adds to every image it judged."""
+    return {"auto_eta": auto_eta["eta"], "auto_eta_judge": auto_eta["judge"],
+            "auto_eta_scores": json.dumps(auto_eta["scores"], sort_keys=True)}
 
 
 def write_sample(out: Path, stem: str, sample, params: dict[str, Any], marked: bool = False) -> Path:

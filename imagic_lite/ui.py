@@ -7,7 +7,6 @@ when the page is built, so the other commands never pay for it.
 # No `from __future__ import annotations`: Gradio finds the `request: gr.Request` parameter by its evaluated hint.
 import gc
 import html
-import json
 import re
 import shutil
 import threading
@@ -205,10 +204,10 @@ class Workbench:
         sample = replace(session.sample, **changes)
         samples = imagic.generate(session.bundle, sample=sample, progress=log, stop=stop, auto_eta=True)
         self._applied(session.bundle)
+        from .outputs import auto_eta_params
+
         choice = imagic.eta_choice
-        picked = choice.to_dict()
-        changed = {"sample_steps": sample.steps, "guidance": sample.guidance, "auto_eta": picked["eta"],
-                   "auto_eta_judge": picked["judge"], "auto_eta_scores": json.dumps(picked["scores"], sort_keys=True)}
+        changed = {"sample_steps": sample.steps, "guidance": sample.guidance, **auto_eta_params(choice.to_dict())}
         self._record(session, samples, changed, chosen=choice.eta)
         session.notes.append(f"auto-eta chose eta {choice.eta:g}: {choice.reason}")
         return choice
